@@ -1,0 +1,264 @@
+"""The CTRL train step: loss through the DDIM trajectory, optimiser, jitted sharded update.
+
+State is a plain dict {"step": int32 [], "params": trainable tree, "opt": optax state}. Only
+trainable parameters (label embedding, LoRA; the UNet too for full fine-tuning) are in it, so
+frozen weights get neither gradients nor optimiser state; the frozen UNet, classifiers,
+decoder, prompt contexts, schedule and per-run scalars (γ, guidance scale, η) are passed in a
+separate `frozen` tree that is never donated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from ctrl_jax import objective
+from ctrl_jax import rewards
+from ctrl_jax import sampling
+from ctrl_jax import sharding as shd
+from ctrl_jax.models.augmented import AugmentedUNet
+
+TRUNCATIONS = ("none", "random", "last_k")
+PARAM_GROUPS = ("lora", "label_embedding", "unet")
+
+
+@dataclasses.dataclass(frozen=True)
+class CtrlSetup:
+  """Static (non-traced) description of a CTRL fine-tuning problem.
+
+  Attributes:
+    model: the augmented UNet.
+    label_space: the task(s) and their class counts.
+    reward_fn: `(reward_params, images, y [B, T]) -> (reward [B], aux)` (rewards.make_reward_fn).
+    decode_fn: `(decoder_params, x0 [B, C, H, W]) -> images` fed to the classifiers.
+    latent_shape: (C, H, W).
+    timesteps: int [N] DDIM timesteps, noisiest first.
+    use_cfg: classifier-free guidance in both models (conditional (c, y) vs ("", NULL)).
+    kl_convention: "official" or "exact" (objective.path_kl).
+    truncation: "none" (gradient through every step), "random" (CTRL's random truncated
+      back-prop) or "last_k" (gradient only through the final `truncation_k` steps).
+    remat_policy: jax.checkpoint policy around each model call, or None.
+    reference_grad: back-propagate through the reference model's input too.
+  """
+  model: AugmentedUNet
+  label_space: rewards.LabelSpace
+  reward_fn: Callable[..., Any]
+  decode_fn: Callable[[Any, jnp.ndarray], jnp.ndarray]
+  latent_shape: tuple[int, int, int]
+  timesteps: np.ndarray
+  use_cfg: bool = True
+  kl_convention: str = "official"
+  truncation: str = "random"
+  truncation_k: int = 1
+  remat_policy: Optional[str] = "nothing_saveable"
+  reference_grad: bool = True
+
+  def __post_init__(self):
+    if self.truncation not in TRUNCATIONS:
+      raise ValueError(f"truncation={self.truncation!r}; expected one of {TRUNCATIONS}.")
+    if self.kl_convention not in objective.KL_CONVENTIONS:
+      raise ValueError(f"kl_convention={self.kl_convention!r}; expected one of "
+                       f"{objective.KL_CONVENTIONS}.")
+    n = len(self.timesteps)
+    if self.truncation == "last_k" and not 1 <= self.truncation_k <= n:
+      raise ValueError(f"truncation_k={self.truncation_k} must be in [1, {n}] (num steps).")
+    if self.model.num_labels != self.label_space.num_labels:
+      raise ValueError(f"model has {self.model.num_labels} labels, label space "
+                       f"{self.label_space.num_labels}.")
+
+  @property
+  def num_dims(self) -> int:
+    return int(np.prod(self.latent_shape))
+
+
+def make_hparams(gamma: float, kl_weight: float, guidance_scale: float, eta: float) -> dict:
+  """Per-run scalars as float32 arrays: changing them never recompiles the step."""
+  return {k: jnp.asarray(v, jnp.float32) for k, v in
+          dict(gamma=gamma, kl_weight=kl_weight, guidance_scale=guidance_scale,
+               eta=eta).items()}
+
+
+def eps_functions(setup: CtrlSetup, frozen: dict, prompt: jnp.ndarray, labels: jnp.ndarray):
+  """(policy_eps, reference_eps) closures for one micro-batch, CFG included.
+
+  Args:
+    prompt: int [b] index into frozen["contexts"] [P, L, D].
+    labels: int [b] combined label index.
+  """
+  model = setup.model
+  ctx = frozen["contexts"][prompt]
+  scale = frozen["hparams"]["guidance_scale"]
+  unet_ref = frozen["unet"]
+  if setup.use_cfg:
+    unc = jnp.broadcast_to(frozen["uncond_context"][None], ctx.shape)
+    ctx2 = jnp.concatenate([unc, ctx], axis=0)
+    labels2 = jnp.concatenate([jnp.full_like(labels, model.null_label), labels], axis=0)
+
+  def policy_eps(params, x, t):
+    unet = params.get("unet", unet_ref)
+    if not setup.use_cfg:
+      return model.apply(unet, params, x, t, ctx, labels)
+    e = model.apply(unet, params, jnp.concatenate([x, x], axis=0), t, ctx2, labels2)
+    e_unc, e_c = jnp.split(e, 2, axis=0)
+    return sampling.classifier_free_guidance(e_unc, e_c, scale)
+
+  def reference_eps(ref_unet, x, t):
+    if not setup.use_cfg:
+      return model.apply_pretrained(ref_unet, x, t, ctx)
+    e = model.apply_pretrained(ref_unet, jnp.concatenate([x, x], axis=0), t, ctx2)
+    e_unc, e_c = jnp.split(e, 2, axis=0)
+    return sampling.classifier_free_guidance(e_unc, e_c, scale)
+
+  return policy_eps, reference_eps
+
+
+def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup: CtrlSetup,
+            mesh: Optional[Mesh] = None) -> tuple[jnp.ndarray, dict]:
+  """CTRL loss of one micro-batch: −γ · mean(reward) + kl_weight · KL.
+
+  Args:
+    params: trainable tree. frozen: see module docstring.
+    micro_batch: {"prompt": int [b], "y": int [b, T]}.
+    key: PRNG key of this micro-batch (x_T, per-step noise, truncation mask).
+  """
+  hp = frozen["hparams"]
+  k_x, k_noise, k_mask = jax.random.split(key, 3)
+  b = micro_batch["prompt"].shape[0]
+  x_T = jax.random.normal(k_x, (b,) + tuple(setup.latent_shape), jnp.float32)
+  if mesh is not None:
+    x_T = jax.lax.with_sharding_constraint(x_T, shd.data_sharded(mesh))
+  labels = setup.label_space.encode(micro_batch["y"])
+  policy_eps, reference_eps = eps_functions(setup, frozen, micro_batch["prompt"], labels)
+  n = len(setup.timesteps)
+  grad_mask, n0 = None, 0
+  if setup.truncation == "random":
+    grad_mask = sampling.random_truncation_mask(k_mask, n)
+  elif setup.truncation == "last_k":
+    n0 = n - setup.truncation_k
+  traj = sampling.ctrl_trajectory(
+      policy_eps, reference_eps, params, frozen["unet"], frozen["schedule"],
+      jnp.asarray(setup.timesteps), x_T, k_noise, hp["eta"], grad_mask=grad_mask,
+      num_no_grad_steps=n0, remat_policy=setup.remat_policy,
+      reference_grad=setup.reference_grad)
+  images = setup.decode_fn(frozen.get("decoder"), traj.x0)
+  reward, aux = setup.reward_fn(frozen["reward"], images, micro_batch["y"])
+  kl = objective.path_kl(traj.kl, setup.num_dims, setup.kl_convention)
+  loss = objective.ctrl_loss(reward, kl, hp["gamma"], hp["kl_weight"])
+  metrics = {"loss": loss, "reward": jnp.mean(reward), "kl": kl,
+             "kl_exact": jnp.mean(jnp.sum(traj.kl, axis=0)),
+             "grad_steps": jnp.sum(traj.grad_mask.astype(jnp.float32))}
+  for name, probs, y in zip(setup.label_space.task_names, aux["probs"],
+                            jnp.moveaxis(micro_batch["y"], -1, 0)):
+    metrics[f"classifier_acc/{name}"] = jnp.mean(
+        (jnp.argmax(probs, axis=-1) == y).astype(jnp.float32))
+  return loss, metrics
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def param_groups(params: dict) -> dict:
+  """Optimiser group of every leaf: its top-level key ("lora", "label_embedding", "unet")."""
+  unknown = set(params) - set(PARAM_GROUPS)
+  if unknown:
+    raise ValueError(f"trainable params have unknown groups {sorted(unknown)}; expected a "
+                     f"subset of {PARAM_GROUPS}.")
+  return {k: jax.tree_util.tree_map(lambda _, k=k: k, v) for k, v in params.items()}
+
+
+def mask_null_label_gradient() -> optax.GradientTransformation:
+  """Zeroes the gradient of the NULL row (the last) of the label table: it stays exactly 0."""
+
+  def update(updates, state, params=None):
+    del params
+    if "label_embedding" in updates:
+      updates = dict(updates)
+      updates["label_embedding"] = updates["label_embedding"].at[-1].set(0.0)
+    return updates, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(lr_lora: float, lr_label_embedding: float, lr_unet: float = 0.0,
+                   weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, grad_clip_norm: float = 5.0) -> optax.GradientTransformation:
+  """AdamW with one learning rate per parameter group, global-norm clipping (official §6)."""
+
+  def adamw(lr):
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+  return optax.chain(
+      mask_null_label_gradient(),
+      optax.clip_by_global_norm(grad_clip_norm),
+      optax.multi_transform({"lora": adamw(lr_lora),
+                             "label_embedding": adamw(lr_label_embedding),
+                             "unet": adamw(lr_unet)}, param_groups))
+
+
+def init_trainable(setup: CtrlSetup, key: jax.Array, unet_params: dict,
+                   full_finetune: bool = False) -> dict:
+  """Trainable tree: the model's ctrl params, plus a copy of the UNet for full fine-tuning."""
+  params = setup.model.init_ctrl_params(key, unet_params)
+  if full_finetune:
+    params["unet"] = jax.tree_util.tree_map(jnp.copy, unet_params)
+  return params
+
+
+def create_train_state(params: dict, optimizer: optax.GradientTransformation,
+                       mesh: Optional[Mesh] = None) -> dict:
+  """{"step": 0, "params", "opt"}, replicated over the mesh when given."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
+  if mesh is not None:
+    state = jax.device_put(state, shd.replicated(mesh))
+  return state
+
+
+def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> Callable[[dict, dict, jax.Array, dict], tuple[dict, dict]]:
+  """The jitted `train_step(state, batch, key, frozen) -> (state, metrics)`.
+
+  batch: {"prompt": int [M, b], "y": int [M, b, T]}: M micro-batches of b trajectories, the b
+  axis sharded over the mesh's data axis. Gradients are averaged over the M micro-batches
+  (accumulated in a scan, so memory is that of one micro-batch). The step's key is
+  `fold_in(key, state["step"])`, micro-batch m's `fold_in(step_key, m)`: a resumed run
+  draws the same noise as an uninterrupted one. `state` is donated.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch, key, frozen):
+    step_key = jax.random.fold_in(key, state["step"])
+    num_micro = batch["prompt"].shape[0]
+
+    def micro(carry, inp):
+      grads_acc, metrics_acc = carry
+      m, mb = inp
+      (_, metrics), grads = grad_fn(state["params"], frozen, mb,
+                                    jax.random.fold_in(step_key, m), setup, mesh)
+      grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
+      metrics_acc = jax.tree_util.tree_map(jnp.add, metrics_acc, metrics)
+      return (grads_acc, metrics_acc), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+    metric_shapes = jax.eval_shape(
+        lambda: loss_fn(state["params"], frozen, jax.tree_util.tree_map(lambda v: v[0], batch),
+                        step_key, setup, mesh)[1])
+    metrics0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    (grads, metrics), _ = jax.lax.scan(micro, (zeros, metrics0),
+                                       (jnp.arange(num_micro), batch))
+    grads = jax.tree_util.tree_map(lambda g: g / num_micro, grads)
+    metrics = jax.tree_util.tree_map(lambda v: v / num_micro, metrics)
+    metrics["grad_norm"] = optax.global_norm(mask_null_label_gradient().update(grads, None)[0])
+    updates, opt = optimizer.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt": opt}
+    return new_state, metrics
+
+  repl = shd.replicated(mesh)
+  batch_sharding = shd.data_sharded(mesh, batch_axis=1)
+  return jax.jit(train_step, in_shardings=(repl, batch_sharding, repl, repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
