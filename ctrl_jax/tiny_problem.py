@@ -16,6 +16,17 @@ from ctrl_jax.models import augmented
 from ctrl_jax.models import unet as unet_lib
 
 
+def micro_unet_config(sample_size: int = 8, in_channels: int = 4) -> dict:
+  """The smallest SD-shaped UNet (one cross-attention down/up block + the mid block): cheap to
+  compile, for unit tests. 64 channels, not 32: diffusers' Flax UNet hard-codes 32 GroupNorm
+  groups, and with one channel per group the norm after the time-embedding add erases the
+  per-channel time (and label) embedding entirely."""
+  return dict(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+              down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+              block_out_channels=(64,), layers_per_block=1, attention_head_dim=8,
+              cross_attention_dim=16)
+
+
 class ChannelMeanProbe(nn.Module):
   """logits = Dense(mean over H, W of each channel): a smooth, easy-to-steer classifier."""
   num_classes: int
