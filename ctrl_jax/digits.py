@@ -319,10 +319,12 @@ class DigitJudge:
 
 def fit_digit_judge(x_train: np.ndarray, c_train: np.ndarray, seed: int = 0,
                     num_components: int = 32) -> DigitJudge:
-  """PCA(num_components) + SVC(rbf, γ = 0.25, C = 10) on the train split (~0.3 s).
+  """PCA(num_components) + SVC(rbf, γ = 0.25, C = 10) fitted on the train split (~0.2 s).
 
   32 components keep ~97 % of the pixel variance. γ = 0.25 is sklearn's digits example value
-  (0.001 on the 0..16 scale) rescaled to [0, 1]; nothing is tuned on the held-out split.
+  (0.001 on the 0..16 scale) rescaled to [0, 1]. Among the few settings tried (γ 0.05–0.4,
+  C 1 or 10, with or without PCA) held-out accuracy stayed within 0.94–0.975; this one also
+  scored best under 5-fold cross-validation on the train split (0.967). Held-out: 0.973.
   """
   flat = np.clip(np.asarray(x_train, np.float64), 0.0, 1.0).reshape(len(x_train), -1)
   pca = sklearn.decomposition.PCA(num_components, random_state=seed).fit(flat)
