@@ -7,6 +7,8 @@ Modules, one per concept:
   train       optimiser, train state, the jitted train step
   sharding    device meshes and shardings
   checkpoint  orbax checkpoints
+  experiment  the fine-tuning loop (resume, logging, checkpoints)
+  digits      the sklearn-digits problem: splits, label rules, reward classifier, judges
   models/     everything that touches diffusers / transformers (augmented UNet, LoRA)
 """
 __version__ = "0.1.0"
