@@ -6,8 +6,6 @@ import os
 import time
 from typing import Optional
 
-from absl import logging
-
 
 def _fmt_seconds(s: float) -> str:
   s = int(round(s))
@@ -40,8 +38,7 @@ class Progress:
     else:
       parts.append(f"(first step incl. compile: {now - self.t_begin:.1f}s)")
     line = "  ".join(parts)
-    logging.info(line)
-    print(line, flush=True)
+    print(line, flush=True)  # stdout only: absl's logging would print every line twice
     return line
 
 
