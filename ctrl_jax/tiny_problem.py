@@ -75,10 +75,7 @@ def build(key: jax.Array, *, batch_latent: tuple[int, int, int] = (4, 16, 16),
 
 def make_batch(seed: int, step: int, setup: train.CtrlSetup, num_prompts: int,
                num_micro: int, micro_batch: int) -> dict:
-  """A deterministic batch of (prompt, y) requests for `step`."""
-  rng = np.random.default_rng([seed, step])
-  n = num_micro * micro_batch
-  y = rewards.sample_labels(rng, setup.label_space, n)
-  prompt = rng.integers(0, num_prompts, size=n).astype(np.int32)
-  return {"prompt": prompt.reshape(num_micro, micro_batch),
-          "y": y.reshape(num_micro, micro_batch, -1)}
+  """A deterministic batch of (prompt, y) requests for `step` (the loop's own sampler)."""
+  from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top  (experiment imports us)
+  return experiment.sample_requests(seed, step, setup.label_space, num_prompts, num_micro,
+                                    micro_batch)
