@@ -41,3 +41,19 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def save_tree(path: str, tree: Any) -> None:
+  """Saves a pytree of arrays to `path` (an orbax directory; must not exist yet)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path) if "://" not in path else path, tree)
+
+
+def load_tree(path: str, target: Any) -> Any:
+  """Loads a pytree saved by `save_tree`, with the structure and dtypes of `target` (arrays or
+  `jax.ShapeDtypeStruct`s; without a target orbax returns plain dicts and loses key types)."""
+  if "://" not in path and not os.path.isdir(path):
+    raise FileNotFoundError(f"no saved tree at {path!r}.")
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(path) if "://" not in path else path, abstract)

@@ -6,6 +6,7 @@ does per step is the pure, jitted `train.make_train_step`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from ctrl_jax import checkpoint
-from ctrl_jax import progress
+from ctrl_jax import loop
 from ctrl_jax import rewards
 from ctrl_jax import sharding as shd
 from ctrl_jax import train
@@ -52,8 +53,14 @@ def _build_tiny(config: ml_collections.ConfigDict, workdir: str) -> Problem:
   return Problem(setup=setup, frozen=frozen, params=params, num_prompts=config.num_prompts)
 
 
+def _build_digits(config: ml_collections.ConfigDict, workdir: str) -> Problem:
+  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top  (imports us)
+  return digits_pipeline.build_problem(config, workdir)
+
+
 PROBLEM_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str], Problem]] = {
     "tiny": _build_tiny,
+    "digits": _build_digits,
 }
 
 
@@ -90,54 +97,72 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      "deterministic and the KL is undefined); set eta > 0 or kl_weight = 0.")
 
 
+def hparams_of(config: ml_collections.ConfigDict) -> dict:
+  return train.make_hparams(gamma=config.gamma, kl_weight=config.kl_weight,
+                            guidance_scale=config.guidance_scale, eta=config.eta)
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  return train.make_optimizer(
+      lr_lora=config.lr_lora, lr_label_embedding=config.lr_label_embedding,
+      lr_unet=config.get("lr_unet", 0.0), weight_decay=config.weight_decay,
+      grad_clip_norm=config.grad_clip_norm)
+
+
+def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
+                   problem: Problem) -> tuple[dict, int]:
+  """(trainable params, update number) of the latest CTRL checkpoint in `workdir`."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "finetune", "ckpt"))
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no CTRL checkpoint in {ckpt.directory}; run "
+                              "`python -m ctrl_jax.launch.finetune` with this --workdir first.")
+    target = train.create_train_state(problem.params, make_optimizer(config))
+    state = ckpt.restore(target)
+    return state["params"], ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
 def finetune(config: ml_collections.ConfigDict, workdir: str,
              problem: Problem | None = None) -> dict[str, Any]:
   """Runs (or resumes) CTRL fine-tuning; returns the final params and run info.
 
-  Writes `workdir/ckpt/<step>` (orbax; state = {"step", "params", "opt"}),
-  `workdir/finetune.jsonl` and TensorBoard events in `workdir/tb/finetune`.
+  Writes `workdir/finetune/ckpt/<step>` (orbax; state = {"step", "params", "opt"}),
+  `workdir/finetune.jsonl` and TensorBoard events in `workdir/tb/finetune` (see `loop.run`),
+  and `workdir/finetune/info.json` (wall time of this invocation's training) at the end.
   """
-  t_start = time.time()
   mesh = shd.make_mesh()
   validate_config(config, mesh)
   problem = problem or build_problem(config, workdir)
+  t_start = time.time()
   setup = problem.setup
-  hparams = train.make_hparams(gamma=config.gamma, kl_weight=config.kl_weight,
-                               guidance_scale=config.guidance_scale, eta=config.eta)
-  frozen = jax.device_put({**problem.frozen, "hparams": hparams}, shd.replicated(mesh))
-  optimizer = train.make_optimizer(
-      lr_lora=config.lr_lora, lr_label_embedding=config.lr_label_embedding,
-      lr_unet=config.get("lr_unet", 0.0), weight_decay=config.weight_decay,
-      grad_clip_norm=config.grad_clip_norm)
+  frozen = jax.device_put({**problem.frozen, "hparams": hparams_of(config)},
+                          shd.replicated(mesh))
+  optimizer = make_optimizer(config)
   state = train.create_train_state(problem.params, optimizer, mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"),
-                                 max_to_keep=config.get("max_checkpoints", 3))
-  writer = progress.ScalarWriter(workdir, "finetune")
-  start = 0
-  if ckpt.latest_step() is not None:
-    start = ckpt.latest_step()
-    state = ckpt.restore(state)
-    writer.truncate_after(start)
-    print(f"[finetune] resumed from {ckpt.directory}/{start}", flush=True)
   step_fn = train.make_train_step(setup, optimizer, mesh)
   key = jax.random.key(config.seed)
-  bar = progress.Progress("finetune", config.num_updates, start)
-  for step in range(start, config.num_updates):
-    batch = sample_requests(config.seed, step, setup.label_space, problem.num_prompts,
-                            config.num_micro_batches, config.micro_batch)
-    state, metrics = step_fn(state, batch, key, frozen)
-    done = step + 1
-    if done % config.log_every == 0 or done == config.num_updates or step == start:
-      host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(host["loss"]):
-        ckpt.close()
-        raise FloatingPointError(f"loss is {host['loss']} at update {done}; last good "
-                                 f"checkpoint: {ckpt.latest_step()} in {ckpt.directory}.")
-      writer.write(done, host)
-      bar.update(done, {k: host[k] for k in ("loss", "reward", "kl") if k in host})
-    if done % config.checkpoint_every == 0 or done == config.num_updates:
-      ckpt.save(done, state)
-  ckpt.close()
-  writer.close()
-  return {"params": state["params"], "state": state, "history": writer.read(),
-          "wall_time_s": time.time() - t_start, "start_step": start}
+
+  def batch_fn(step):
+    return sample_requests(config.seed, step, setup.label_space, problem.num_prompts,
+                           config.num_micro_batches, config.micro_batch)
+
+  state, history, start = loop.run(
+      "finetune", workdir, state, lambda s, b: step_fn(s, b, key, frozen), batch_fn,
+      config.num_updates, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      max_checkpoints=config.get("max_checkpoints", 3), shown=("loss", "reward", "kl"))
+  info = {"wall_time_s": time.time() - t_start, "start_step": start,
+          "num_updates": config.num_updates}
+  with open(os.path.join(workdir, "finetune", "info.json"), "w") as f:
+    json.dump(info, f, indent=2)
+  return {"params": state["params"], "state": state, "history": history,
+          "wall_time_s": info["wall_time_s"], "start_step": start}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, params: dict | None = None) -> dict:
+  """Runs the problem's evaluation (the digits benchmark has one) on the run in `workdir`."""
+  if config.problem != "digits":
+    raise ValueError(f"config.problem={config.problem!r} has no evaluation; only 'digits' does.")
+  from ctrl_jax import digits_eval  # pylint: disable=g-import-not-at-top  (imports us)
+  return digits_eval.evaluate(config, workdir, params)

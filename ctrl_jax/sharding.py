@@ -34,3 +34,17 @@ def check_divisible(batch: int, mesh: Mesh, what: str) -> None:
   if batch % n:
     raise ValueError(f"{what}={batch} must be divisible by the number of devices on the "
                      f"'data' axis ({n}).")
+
+
+def jit(fun, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()):
+  """`jax.jit` with explicit in/out shardings over `mesh`, except on a one-device mesh.
+
+  On one device the shardings carry no information, and on XLA:CPU (jax 0.10.2) passing them
+  made the same train step ~5× slower (digits pre-training step, batch 128: 0.55 s without,
+  2.9–3.5 s with in_shardings, out_shardings or both, with identical HLO); committed inputs
+  (`jax.device_put(x, NamedSharding)`) keep their placement either way.
+  """
+  if mesh.devices.size == 1:
+    return jax.jit(fun, donate_argnums=donate_argnums)
+  return jax.jit(fun, in_shardings=in_shardings, out_shardings=out_shardings,
+                 donate_argnums=donate_argnums)

@@ -7,7 +7,6 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ctrl_jax import rewards
 from ctrl_jax import schedules

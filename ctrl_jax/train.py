@@ -130,7 +130,7 @@ def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup
   k_x, k_noise, k_mask = jax.random.split(key, 3)
   b = micro_batch["prompt"].shape[0]
   x_T = jax.random.normal(k_x, (b,) + tuple(setup.latent_shape), jnp.float32)
-  if mesh is not None:
+  if mesh is not None and mesh.devices.size > 1:
     x_T = jax.lax.with_sharding_constraint(x_T, shd.data_sharded(mesh))
   labels = setup.label_space.encode(micro_batch["y"])
   policy_eps, reference_eps = eps_functions(setup, frozen, micro_batch["prompt"], labels)
@@ -266,5 +266,5 @@ def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation, m
 
   repl = shd.replicated(mesh)
   batch_sharding = shd.data_sharded(mesh, batch_axis=1)
-  return jax.jit(wrap(train_step), in_shardings=(repl, batch_sharding, repl, repl),
+  return shd.jit(wrap(train_step), mesh, in_shardings=(repl, batch_sharding, repl, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))

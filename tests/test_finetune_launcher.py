@@ -56,7 +56,7 @@ def test_cli_runs_and_writes_artifacts(tmp_path):
   assert "Flax classes are deprecated" not in out.stdout + out.stderr
   rows = [json.loads(l) for l in open(workdir / "finetune.jsonl")]
   assert [r["step"] for r in rows] == [1, 2]
-  assert os.path.isdir(workdir / "ckpt" / "2")
+  assert os.path.isdir(workdir / "finetune" / "ckpt" / "2")
   assert os.listdir(workdir / "tb" / "finetune")
   bad = subprocess.run(cmd[:-3] + ["--config.eta=0"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)

@@ -35,7 +35,7 @@ def build_unet(config: dict[str, Any], dtype: Any = jnp.float32) -> FlaxUNet2DCo
 
 def init_unet_params(unet: FlaxUNet2DConditionModel, key: jax.Array) -> dict:
   """Random UNet parameters (a plain dict, float32)."""
-  params = unet.init_weights(key)
+  params = jax.jit(unet.init_weights)(key)  # un-jitted Flax init takes ~20 s on CPU
   return jax.tree_util.tree_map(jnp.asarray, dict(params))
 
 

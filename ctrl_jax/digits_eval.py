@@ -1,0 +1,208 @@
+"""Evaluation of the digits benchmark: sample every (c, y) cell from the fine-tuned and the
+pre-trained model with the same seeds, judge the samples with the true label rule and an
+independent digit judge, and write samples, metrics, image grids and training curves.
+
+Outputs in DIR/eval/: samples.npz, metrics.json, summary.md, grid.png, cells.png, curves.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import sklearn.metrics
+
+from ctrl_jax import digits
+from ctrl_jax import digits_model
+from ctrl_jax import digits_pipeline
+from ctrl_jax import experiment
+from ctrl_jax import progress
+from ctrl_jax import rewards
+from ctrl_jax import sampling
+from ctrl_jax import train
+
+
+def eval_requests(label_space: rewards.LabelSpace, samples_per_cell: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Every (digit c, combined label ℓ) cell, `samples_per_cell` times, c-major then ℓ.
+
+  Returns (c int32 [N], y int32 [N, T]) with N = 10 · K · samples_per_cell.
+  """
+  k = label_space.num_labels
+  c = np.repeat(np.arange(digits_model.NUM_DIGITS), k * samples_per_cell).astype(np.int32)
+  label = np.tile(np.repeat(np.arange(k), samples_per_cell), digits_model.NUM_DIGITS)
+  return c, np.asarray(label_space.decode(jnp.asarray(label)), np.int32)
+
+
+def make_sampler(setup: train.CtrlSetup):
+  """Jitted `sample(params, frozen, c [B], y [B, T], key) -> images [B, 8, 8]`.
+
+  params = CTRL params (the fine-tuned model) or None (the pre-trained model, y ignored). The
+  same key gives both models the same x_T and per-step noise, so their samples are paired.
+  """
+
+  def sample(params, frozen, c, y, key):
+    labels = setup.label_space.encode(y)
+    policy_eps, reference_eps = train.eps_functions(setup, frozen, c, labels)
+    k_x, k_noise = jax.random.split(key)
+    x_T = jax.random.normal(k_x, (c.shape[0],) + tuple(setup.latent_shape), jnp.float32)
+    if params is None:
+      eps_fn, p = reference_eps, frozen["unet"]
+    else:
+      eps_fn, p = policy_eps, params
+    x0 = sampling.ddim_sample(eps_fn, p, frozen["schedule"], jnp.asarray(setup.timesteps),
+                              x_T, k_noise, frozen["hparams"]["eta"])
+    return setup.decode_fn(frozen.get("decoder"), x0)
+
+  return jax.jit(sample)
+
+
+def sample_all(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
+               batch_size: int, name: str) -> np.ndarray:
+  """Samples every request in chunks of `batch_size` (chunk i uses fold_in(key(seed), i)).
+
+  The last chunk is padded to the full size (one compiled shape). Returns float32 [N, 8, 8].
+  """
+  n = len(c)
+  out = []
+  bar = progress.Progress(f"eval/{name}", -(-n // batch_size))
+  for i, start in enumerate(range(0, n, batch_size)):
+    idx = np.arange(start, start + batch_size) % n
+    imgs = sampler(params, frozen, jnp.asarray(c[idx]), jnp.asarray(y[idx]),
+                   jax.random.fold_in(jax.random.key(seed), i))
+    out.append(np.asarray(imgs)[:min(batch_size, n - start)])
+    bar.update(i + 1)
+  return np.concatenate(out).astype(np.float32)
+
+
+def score(images: np.ndarray, c: np.ndarray, y: np.ndarray, rule: digits.LabelRule,
+          judge: digits.DigitJudge, heldout_features: np.ndarray,
+          label_space: rewards.LabelSpace) -> dict:
+  """Metrics of samples `images` [N, 8, 8] asked for (c [N], y [N, T]).
+
+  Per task: accuracy and macro-F1 of the true class (the label rule on the sample) against the
+  asked one; joint accuracy (all tasks right); per-cell tables [10, K] of joint accuracy and
+  digit accuracy (K = combined labels); digit accuracy by the judge; Fréchet distance to the
+  held-out digits in the judge's PCA space.
+  """
+  y_true = np.asarray(rule.labels(images))
+  out: dict[str, Any] = {"num_samples": int(len(c)), "tasks": {}}
+  for t, name in enumerate(rule.names):
+    k = label_space.task_classes[t]
+    out["tasks"][name] = {
+        "accuracy": float((y_true[:, t] == y[:, t]).mean()),
+        "macro_f1": float(sklearn.metrics.f1_score(y[:, t], y_true[:, t], average="macro",
+                                                   labels=list(range(k)))),
+        "per_class_accuracy": [float((y_true[y[:, t] == j, t] == j).mean()) for j in range(k)],
+    }
+  correct = (y_true == y).all(-1)
+  digit = judge.predict(images)
+  out["joint_accuracy"] = float(correct.mean())
+  out["digit_accuracy"] = float((digit == c).mean())
+  out["frechet_distance"] = digits.frechet_distance(judge.features(images), heldout_features)
+  label = np.asarray(label_space.encode(jnp.asarray(y)))
+  k = label_space.num_labels
+  cell = c * k + label
+  count = np.bincount(cell, minlength=10 * k)
+  out["cell_accuracy"] = (np.bincount(cell, correct, 10 * k) / np.maximum(count, 1)
+                          ).reshape(10, k).round(4).tolist()
+  out["cell_digit_accuracy"] = (np.bincount(cell, digit == c, 10 * k) / np.maximum(count, 1)
+                                ).reshape(10, k).round(4).tolist()
+  return out
+
+
+def cell_names(label_space: rewards.LabelSpace) -> list[str]:
+  """Column names of the combined labels, e.g. "ink3=1" or "ink2=1,edge2=0"."""
+  ys = np.asarray(label_space.decode(jnp.arange(label_space.num_labels)))
+  return [",".join(f"{n}={v}" for n, v in zip(label_space.task_names, row)) for row in ys]
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             params: Optional[dict] = None) -> dict:
+  """Evaluates the CTRL run in `workdir` (its latest checkpoint unless `params` is given)."""
+  t0 = time.time()
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  problem = digits_pipeline.build_problem(config, workdir)
+  setup = problem.setup
+  if params is None:
+    params, step = experiment.load_finetuned(config, workdir, problem)
+    print(f"[eval] fine-tuned params from update {step}", flush=True)
+  rule, _, _, cls_info = digits_pipeline.ensure_classifiers(config, workdir)
+  frozen = {**problem.frozen, "hparams": train.make_hparams(
+      gamma=config.gamma, kl_weight=config.kl_weight, guidance_scale=config.guidance_scale,
+      eta=config.eta)}
+  e = config.eval
+  c, y = eval_requests(setup.label_space, e.samples_per_cell)
+  sampler = make_sampler(setup)
+  images = {name: sample_all(sampler, p, frozen, c, y, e.seed, e.batch_size, name)
+            for name, p in (("finetuned", params), ("pretrained", None))}
+  splits = digits.load_splits()
+  judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
+  held_feats = judge.features(splits["x_heldout"])
+  metrics: dict[str, Any] = {
+      name: score(imgs, c, y, rule, judge, held_feats, setup.label_space)
+      for name, imgs in images.items()}
+  metrics["reference"] = {
+      "judge_heldout_accuracy": float((judge.predict(splits["x_heldout"])
+                                       == splits["c_heldout"]).mean()),
+      "frechet_distance_train_vs_heldout": digits.frechet_distance(
+          judge.features(splits["x_train"]), held_feats),
+      "classifiers": cls_info["tasks"],
+  }
+  metrics["cells"] = cell_names(setup.label_space)
+  metrics["config"] = {"variant": config.get("variant", ""), "task": config.task}
+  np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images["finetuned"], c=c,
+                      y=y[:, 0] if y.shape[1] == 1 else y,
+                      images_pretrained=images["pretrained"])
+  metrics["wall_time_s"] = stage_wall_times(workdir)
+  metrics["wall_time_s"]["eval"] = time.time() - t0
+  from ctrl_jax import digits_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+  digits_plots.save_grid(os.path.join(out_dir, "grid.png"), images, c, y, setup.label_space,
+                         e.grid_samples, metrics)
+  digits_plots.save_cell_tables(os.path.join(out_dir, "cells.png"), metrics)
+  digits_plots.save_curves(os.path.join(out_dir, "curves.png"),
+                           os.path.join(workdir, "finetune.jsonl"), setup.label_space.task_names)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(summary_table(metrics))
+  print(summary_table(metrics), flush=True)
+  return metrics
+
+
+def stage_wall_times(workdir: str) -> dict:
+  """Wall time of each completed stage, from its info.json."""
+  out = {}
+  for stage in ("pretrain", "classifier", "finetune"):
+    path = os.path.join(workdir, stage, "info.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        out[stage] = json.load(f)["wall_time_s"]
+  return out
+
+
+def summary_table(metrics: dict) -> str:
+  """A markdown table: pre-trained vs fine-tuned."""
+  tasks = list(metrics["finetuned"]["tasks"])
+  head = (["model"] + [f"{t} acc" for t in tasks] + [f"{t} macro-F1" for t in tasks]
+          + (["joint acc"] if len(tasks) > 1 else []) + ["digit acc", "Fréchet dist."])
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in ("pretrained", "finetuned"):
+    m = metrics[name]
+    vals = ([m["tasks"][t]["accuracy"] for t in tasks] + [m["tasks"][t]["macro_f1"] for t in tasks]
+            + ([m["joint_accuracy"]] if len(tasks) > 1 else [])
+            + [m["digit_accuracy"], m["frechet_distance"]])
+    rows.append("| " + " | ".join([name] + [f"{v:.3f}" for v in vals]) + " |")
+  ref = metrics["reference"]
+  rows.append("")
+  rows.append(f"Digit judge held-out accuracy {ref['judge_heldout_accuracy']:.3f}; Fréchet "
+              f"distance train vs held-out digits {ref['frechet_distance_train_vs_heldout']:.3f}."
+              " Wall time (s): " + ", ".join(f"{k} {v:.0f}"
+                                             for k, v in metrics["wall_time_s"].items()) + ".")
+  return "\n".join(rows) + "\n"

@@ -1,0 +1,187 @@
+"""The stages of the digits benchmark and the CTRL problem they feed.
+
+Each stage keeps its outputs in the workdir and is skipped when they are already there:
+
+  DIR/pretrain/final, DIR/pretrain/info.json      p(x | c): EMA params of the UNet + c table
+  DIR/classifier/params, DIR/classifier/info.json  p̂(y | x) per task name, label rule, metrics
+  DIR/finetune/ckpt/<step>, DIR/finetune.jsonl     CTRL (ctrl_jax.experiment.finetune)
+  DIR/eval/                                        ctrl_jax.digits_eval
+
+`info.json` is written last, after the arrays are on disk: its presence marks a stage done. A
+stage killed midway resumes from its own checkpoints (pre-training) or reruns (classifier, a
+few seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ctrl_jax import checkpoint
+from ctrl_jax import digits
+from ctrl_jax import digits_model
+from ctrl_jax import experiment
+from ctrl_jax import rewards
+from ctrl_jax import schedules
+from ctrl_jax import train
+from ctrl_jax.models import augmented
+from ctrl_jax.models import unet as unet_lib
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)  # atomic: a crash never leaves a half-written marker
+
+
+def _check_same(stage: str, saved: dict, wanted: dict, path: str) -> None:
+  """A stage's saved config must match the current one, or reusing it would be silent drift."""
+  diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+  if diff:
+    raise ValueError(f"{path} was made with a different config.{stage} ("
+                     + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                     + f"); use a fresh --workdir or delete {os.path.dirname(path)}.")
+
+
+def _config_dict(c: ml_collections.ConfigDict) -> dict:
+  return json.loads(c.to_json())
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+
+def pretrained_target(config: ml_collections.ConfigDict):
+  """(unet module, abstract params) of the pre-trained model described by config.pretrain."""
+  unet = unet_lib.build_unet(digits_model.unet_config(config.pretrain))
+  abstract = jax.eval_shape(lambda: digits_model.init_params(
+      jax.random.key(0), unet, config.pretrain.context_dim))
+  return unet, abstract
+
+
+def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict, dict]:
+  """Pre-trains p(x | c) unless DIR/pretrain/info.json exists; returns (unet, params, info)."""
+  stage_dir = os.path.join(workdir, "pretrain")
+  info_path = os.path.join(stage_dir, "info.json")
+  unet, abstract = pretrained_target(config)
+  if os.path.exists(info_path):
+    info = _read_json(info_path)
+    _check_same("pretrain", info["config"], _config_dict(config.pretrain), info_path)
+    print(f"[pretrain] reusing {stage_dir}", flush=True)
+    return unet, checkpoint.load_tree(os.path.join(stage_dir, "final"), abstract), info
+  t0 = time.time()
+  splits = digits.load_splits()
+  unet, params = digits_model.pretrain(config.pretrain, splits["x_train"], splits["c_train"],
+                                       workdir)
+  final = os.path.join(stage_dir, "final")
+  if os.path.exists(final):  # a crash between the save and the marker: rewrite it
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(final)
+  checkpoint.save_tree(final, params)
+  info = {"config": _config_dict(config.pretrain), "wall_time_s": time.time() - t0,
+          "num_params": int(sum(np.size(v) for v in jax.tree_util.tree_leaves(params)))}
+  _write_json(info_path, info)
+  print(f"[pretrain] done in {info['wall_time_s']:.0f}s; {info['num_params']} params", flush=True)
+  return unet, params, info
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+def classifier_modules(task: str) -> list:
+  return [digits.classifier_for(name) for name in digits.task_names(task)]
+
+
+def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
+                       ) -> tuple[digits.LabelRule, list, list, dict]:
+  """Fits p̂(y_t | x) for each task name unless DIR/classifier/info.json exists.
+
+  The label rule's edges come from the whole train split (the task definition); the classifier
+  sees only `num_labels` pairs drawn from it, and is reported on the held-out split.
+  Returns (rule, modules, params per task, info).
+  """
+  stage_dir = os.path.join(workdir, "classifier")
+  info_path = os.path.join(stage_dir, "info.json")
+  modules = classifier_modules(config.task)
+  abstract = [jax.eval_shape(lambda m=m: m.init(jax.random.key(0), jnp.zeros((1, 8, 8))))
+              for m in modules]
+  wanted = {**_config_dict(config.classifier), "task": config.task}
+  if os.path.exists(info_path):
+    info = _read_json(info_path)
+    _check_same("classifier", info["config"], wanted, info_path)
+    print(f"[classifier] reusing {stage_dir}", flush=True)
+    params = checkpoint.load_tree(os.path.join(stage_dir, "params"), abstract)
+    return digits.LabelRule.from_dict(info["label_rule"]), modules, params, info
+  t0 = time.time()
+  k = config.classifier
+  splits = digits.load_splits()
+  rule = digits.make_label_rule(config.task, splits["x_train"])
+  x, y = digits.sample_label_pairs(splits["x_train"], rule, k.num_labels, k.label_seed)
+  y_held = rule.labels(splits["x_heldout"])
+  params, per_task = [], {}
+  for t, (name, module) in enumerate(zip(rule.names, modules)):
+    p, fit_info = digits.fit_classifier(
+        x, y[:, t], module.num_classes, k.seed + t, steps=k.steps, lr=k.lr,
+        calib_fraction=k.calib_fraction, neighbour_diffs=module.neighbour_diffs)
+    probs = np.asarray(jax.nn.softmax(module.apply(p, jnp.asarray(splits["x_heldout"]))))
+    fit_info.update(heldout_acc=float((probs.argmax(-1) == y_held[:, t]).mean()),
+                    heldout_ece=digits.expected_calibration_error(probs, y_held[:, t]))
+    per_task[name] = fit_info
+    params.append(p)
+    print(f"[classifier] {name}: held-out acc {fit_info['heldout_acc']:.3f} "
+          f"ECE {fit_info['heldout_ece']:.3f} T={fit_info['temperature']:.3g}", flush=True)
+  path = os.path.join(stage_dir, "params")
+  if os.path.exists(path):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(path)
+  checkpoint.save_tree(path, params)
+  info = {"config": wanted, "label_rule": rule.to_dict(), "tasks": per_task,
+          "wall_time_s": time.time() - t0}
+  _write_json(info_path, info)
+  return rule, modules, params, info
+
+
+# ----------------------------------------------------------------------------- the CTRL problem
+
+
+def label_space(task: str) -> rewards.LabelSpace:
+  return rewards.LabelSpace(digits.task_names(task), digits.task_classes(task))
+
+
+def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlSetup:
+  ls = label_space(config.task)
+  model = augmented.AugmentedUNet(unet, num_labels=ls.num_labels, lora_rank=config.lora_rank)
+  reward_fn = rewards.make_reward_fn([m.apply for m in modules], [1.0] * len(modules))
+  return train.CtrlSetup(
+      model=model, label_space=ls, reward_fn=reward_fn,
+      decode_fn=lambda _, x0: digits_model.to_images(x0), latent_shape=(1, 8, 8),
+      timesteps=schedules.ddim_timesteps(1000, config.num_inference_steps),
+      use_cfg=config.use_cfg, kl_convention=config.kl_convention, truncation=config.truncation,
+      truncation_k=config.truncation_k, remat_policy=config.remat_policy or None,
+      reference_grad=config.reference_grad)
+
+
+def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment.Problem:
+  """Runs the missing stages, then returns the CTRL problem on the pre-trained digits model."""
+  unet, pre, _ = ensure_pretrained(config, workdir)
+  _, modules, cls_params, _ = ensure_classifiers(config, workdir)
+  setup = build_setup(config, unet, modules)
+  ctx, null_ctx = digits_model.contexts(pre)
+  frozen = {"unet": pre["unet"], "reward": list(cls_params), "decoder": None,
+            "contexts": ctx, "uncond_context": null_ctx,
+            "schedule": digits_model.make_schedule(config.pretrain)}
+  params = train.init_trainable(setup, jax.random.key(config.seed), pre["unet"])
+  return experiment.Problem(setup=setup, frozen=frozen, params=params,
+                            num_prompts=digits_model.NUM_DIGITS)
+

@@ -1,0 +1,107 @@
+"""PNG figures of a digits evaluation: sample grids, per-cell accuracy tables, training curves."""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402
+
+from ctrl_jax import rewards  # noqa: E402
+
+_MODELS = (("pretrained", "pre-trained p(x | c)"), ("finetuned", "CTRL p(x | c, y)"))
+
+
+def tile_cells(images: np.ndarray, c: np.ndarray, label: np.ndarray, num_labels: int,
+               per_cell: int, pad: int = 1) -> np.ndarray:
+  """[rows = digit 0..9, columns = label] mosaic of the first `per_cell` samples of each cell.
+
+  images [N, 8, 8] in [0, 1] → float [10·(8+pad)+pad, K·(per_cell·(8+pad)+pad)+pad], padding
+  = 0.5 grey between samples and 1.0 between cells.
+  """
+  s = 8 + pad
+  cell_w = per_cell * s + pad
+  out = np.full((10 * s + pad, num_labels * cell_w + pad), 0.5, np.float32)
+  for col in range(num_labels):
+    x0 = col * cell_w
+    out[:, x0] = 1.0  # cell separator
+    for row in range(10):
+      idx = np.flatnonzero((c == row) & (label == col))[:per_cell]
+      for j, i in enumerate(idx):
+        y, x = row * s + pad, x0 + pad + j * s
+        out[y:y + 8, x:x + 8] = images[i]
+  return out
+
+
+def save_grid(path: str, images: dict, c: np.ndarray, y: np.ndarray,
+              label_space: rewards.LabelSpace, per_cell: int, metrics: dict) -> None:
+  """Pre-trained and fine-tuned sample mosaics side by side (rows c, columns y)."""
+  label = np.zeros(len(c), np.int64)
+  for t, k in enumerate(label_space.task_classes):
+    label = label * k + y[:, t]
+  k = label_space.num_labels
+  fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * k * per_cell, 5.4))
+  names = metrics["cells"]
+  for ax, (key, title) in zip(axes, _MODELS):
+    mosaic = tile_cells(images[key], c, label, k, per_cell)
+    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    cell_w = per_cell * 9 + 1
+    ax.set_xticks([i * cell_w + cell_w / 2 for i in range(k)])
+    ax.set_xticklabels(names, rotation=30 if k > 3 else 0, fontsize=8)
+    ax.set_yticks([r * 9 + 5 for r in range(10)])
+    ax.set_yticklabels([f"c={r}" for r in range(10)], fontsize=8)
+    m = metrics[key]
+    ax.set_title(f"{title}\njoint y-acc {m['joint_accuracy']:.3f}, "
+                 f"digit acc {m['digit_accuracy']:.3f}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def save_cell_tables(path: str, metrics: dict) -> None:
+  """Heat maps of per-cell y-accuracy (joint) for both models, annotated."""
+  names = metrics["cells"]
+  fig, axes = plt.subplots(1, 2, figsize=(2.0 + 1.6 * len(names), 4.6))
+  for ax, (key, title) in zip(axes, _MODELS):
+    table = np.asarray(metrics[key]["cell_accuracy"])
+    ax.imshow(table, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (r, q), v in np.ndenumerate(table):
+      ax.text(q, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30 if len(names) > 3 else 0, fontsize=8)
+    ax.set_yticks(range(10))
+    ax.set_yticklabels([f"c={r}" for r in range(10)], fontsize=8)
+    ax.set_title(f"{title}: y-accuracy per (c, y) cell", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def save_curves(path: str, jsonl_path: str, task_names) -> None:
+  """Reward, KL and the reward classifier's accuracy on the training trajectories vs update."""
+  if not os.path.exists(jsonl_path):
+    return
+  with open(jsonl_path) as f:
+    rows = [json.loads(l) for l in f if l.strip()]
+  if not rows:
+    return
+  step = [r["step"] for r in rows]
+  panels = [("reward", "mean log p̂(y | x0)"), ("kl", "KL (config convention)")]
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+  for ax, (key, title) in zip(axes, panels):
+    ax.plot(step, [r[key] for r in rows])
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("update")
+  for name in task_names:
+    ax = axes[2]
+    ax.plot(step, [r.get(f"classifier_acc/{name}", np.nan) for r in rows], label=name)
+  axes[2].set_title("p̂ accuracy on training samples", fontsize=9)
+  axes[2].set_xlabel("update")
+  axes[2].set_ylim(0, 1)
+  axes[2].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
