@@ -42,21 +42,20 @@ def eval_requests(label_space: rewards.LabelSpace, samples_per_cell: int
 def make_sampler(setup: train.CtrlSetup):
   """Jitted `sample(params, frozen, c [B], y [B, T], key) -> images [B, 8, 8]`.
 
-  params = CTRL params (the fine-tuned model) or None (the pre-trained model, y ignored). The
-  same key gives both models the same x_T and per-step noise, so their samples are paired.
+  params = trainable CTRL params. The pre-trained model is sampled with the *initial* params
+  (zero label table, zero LoRA up-projections), whose output is bit-identical to the frozen
+  UNet's for every label (tests/test_augmented.py): one compiled sampler serves both models.
+  The same key gives both the same x_T and per-step noise, so their samples are paired.
   """
 
   def sample(params, frozen, c, y, key):
     labels = setup.label_space.encode(y)
-    policy_eps, reference_eps = train.eps_functions(setup, frozen, c, labels)
+    policy_eps, _ = train.eps_functions(setup, frozen, c, labels)
     k_x, k_noise = jax.random.split(key)
     x_T = jax.random.normal(k_x, (c.shape[0],) + tuple(setup.latent_shape), jnp.float32)
-    if params is None:
-      eps_fn, p = reference_eps, frozen["unet"]
-    else:
-      eps_fn, p = policy_eps, params
-    x0 = sampling.ddim_sample(eps_fn, p, frozen["schedule"], jnp.asarray(setup.timesteps),
-                              x_T, k_noise, frozen["hparams"]["eta"])
+    x0 = sampling.ddim_sample(policy_eps, params, frozen["schedule"],
+                              jnp.asarray(setup.timesteps), x_T, k_noise,
+                              frozen["hparams"]["eta"])
     return setup.decode_fn(frozen.get("decoder"), x0)
 
   return jax.jit(sample)
@@ -133,7 +132,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   if params is None:
     params, step = experiment.load_finetuned(config, workdir, problem)
     print(f"[eval] fine-tuned params from update {step}", flush=True)
-  rule, _, _, cls_info = digits_pipeline.ensure_classifiers(config, workdir)
+  rule = digits.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
+  cls_info = problem.info["classifier"]
   frozen = {**problem.frozen, "hparams": train.make_hparams(
       gamma=config.gamma, kl_weight=config.kl_weight, guidance_scale=config.guidance_scale,
       eta=config.eta)}
@@ -141,7 +141,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   c, y = eval_requests(setup.label_space, e.samples_per_cell)
   sampler = make_sampler(setup)
   images = {name: sample_all(sampler, p, frozen, c, y, e.seed, e.batch_size, name)
-            for name, p in (("finetuned", params), ("pretrained", None))}
+            for name, p in (("finetuned", params), ("pretrained", problem.params))}
   splits = digits.load_splits()
   judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
   held_feats = judge.features(splits["x_heldout"])

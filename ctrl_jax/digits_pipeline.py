@@ -174,8 +174,8 @@ def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlS
 
 def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment.Problem:
   """Runs the missing stages, then returns the CTRL problem on the pre-trained digits model."""
-  unet, pre, _ = ensure_pretrained(config, workdir)
-  _, modules, cls_params, _ = ensure_classifiers(config, workdir)
+  unet, pre, pre_info = ensure_pretrained(config, workdir)
+  _, modules, cls_params, cls_info = ensure_classifiers(config, workdir)
   setup = build_setup(config, unet, modules)
   ctx, null_ctx = digits_model.contexts(pre)
   frozen = {"unet": pre["unet"], "reward": list(cls_params), "decoder": None,
@@ -183,5 +183,6 @@ def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment
             "schedule": digits_model.make_schedule(config.pretrain)}
   params = train.init_trainable(setup, jax.random.key(config.seed), pre["unet"])
   return experiment.Problem(setup=setup, frozen=frozen, params=params,
-                            num_prompts=digits_model.NUM_DIGITS)
+                            num_prompts=digits_model.NUM_DIGITS,
+                            info={"pretrain": pre_info, "classifier": cls_info})
 

@@ -32,11 +32,13 @@ class Problem:
       contexts [P, L, D], uncond_context [L, D], schedule).
     params: initial trainable parameters.
     num_prompts: P, the number of conditions c to draw from.
+    info: what the builder's earlier stages reported (e.g. classifier metrics).
   """
   setup: train.CtrlSetup
   frozen: dict
   params: dict
   num_prompts: int
+  info: dict = dataclasses.field(default_factory=dict)
 
 
 def _build_tiny(config: ml_collections.ConfigDict, workdir: str) -> Problem:
