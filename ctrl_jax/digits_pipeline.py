@@ -162,7 +162,11 @@ def label_space(task: str) -> rewards.LabelSpace:
 def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlSetup:
   ls = label_space(config.task)
   model = augmented.AugmentedUNet(unet, num_labels=ls.num_labels, lora_rank=config.lora_rank)
-  reward_fn = rewards.make_reward_fn([m.apply for m in modules], [1.0] * len(modules))
+  weights = tuple(config.get("reward_weights") or ()) or (1.0,) * len(modules)
+  if len(weights) != len(modules):
+    raise ValueError(f"config.reward_weights={tuple(weights)}: need one weight per task name "
+                     f"{digits.task_names(config.task)}.")
+  reward_fn = rewards.make_reward_fn([m.apply for m in modules], weights)
   return train.CtrlSetup(
       model=model, label_space=ls, reward_fn=reward_fn,
       decode_fn=lambda _, x0: digits_model.to_images(x0), latent_shape=(1, 8, 8),
