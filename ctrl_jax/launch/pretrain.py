@@ -4,24 +4,8 @@
 
 Reuses DIR/pretrain when it is complete; rerunning after an interruption resumes.
 """
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
 from ctrl_jax import digits_pipeline
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-  digits_pipeline.ensure_pretrained(_CONFIG.value, _WORKDIR.value)
-
+from ctrl_jax.launch import common
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(digits_pipeline.ensure_pretrained)
