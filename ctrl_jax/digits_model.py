@@ -108,6 +108,9 @@ def pretrain(config: ml_collections.ConfigDict, x_train: np.ndarray, c_train: np
   config: the `pretrain` sub-config (configs/digits.py). Batches are drawn with replacement by
   `default_rng([seed, step])`, so the run is resumable and reproducible.
   """
+  if not 0 <= config.warmup_steps < config.num_steps:
+    raise ValueError(f"config.pretrain.num_steps={config.num_steps} must exceed "
+                     f"config.pretrain.warmup_steps={config.warmup_steps} (≥ 0).")
   mesh = shd.make_mesh()
   shd.check_divisible(config.batch_size, mesh, "config.pretrain.batch_size")
   unet = unet_lib.build_unet(unet_config(config))
