@@ -1,0 +1,19 @@
+"""Exports a CTRL run to a PyTorch diffusers folder (safetensors + json; see ctrl_jax.export).
+
+  python -m ctrl_jax.launch.export --config=configs/digits.py --workdir=runs/digits \
+      --out=runs/digits_torch [--lora_only]
+"""
+from absl import flags
+
+from ctrl_jax import export
+from ctrl_jax.launch import common
+
+_OUT = flags.DEFINE_string("out", None, "Output folder (created; an earlier export is replaced).")
+_LORA_ONLY = flags.DEFINE_bool(
+    "lora_only", False, "Write the un-merged LoRA + label table (ctrl_lora.safetensors) instead "
+    "of a merged UNet.")
+flags.mark_flag_as_required("out")
+
+if __name__ == "__main__":
+  common.run(lambda config, workdir: export.export(config, workdir, _OUT.value,
+                                                    _LORA_ONLY.value))
