@@ -60,9 +60,15 @@ def _build_digits(config: ml_collections.ConfigDict, workdir: str) -> Problem:
   return digits_pipeline.build_problem(config, workdir)
 
 
+def _build_sd(config: ml_collections.ConfigDict, workdir: str) -> Problem:
+  from ctrl_jax import sd_pipeline  # pylint: disable=g-import-not-at-top  (imports us)
+  return sd_pipeline.build_problem(config, workdir)
+
+
 PROBLEM_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str], Problem]] = {
     "tiny": _build_tiny,
     "digits": _build_digits,
+    "sd": _build_sd,
 }
 
 
@@ -89,11 +95,34 @@ def sample_requests(seed: int, step: int, label_space: rewards.LabelSpace, num_p
           "y": y.reshape(num_micro, micro_batch, -1)}
 
 
+def batch_arithmetic(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
+  """(micro_batch, num_micro_batches) of an update.
+
+  micro_batch = config.micro_batch, or (when 0) micro_batch_per_device × #devices;
+  num_micro_batches = config.num_micro_batches, or (when 0) trajectories_per_update /
+  micro_batch — so the official "trajectories per update" holds on any number of devices.
+  """
+  micro = int(config.micro_batch)
+  if micro == 0:
+    micro = int(config.get("micro_batch_per_device", 0)) * mesh.size
+  num = int(config.num_micro_batches)
+  if num == 0:
+    total = int(config.get("trajectories_per_update", 0))
+    if micro < 1 or total % micro:
+      raise ValueError(f"config.trajectories_per_update={total} is not a positive multiple of "
+                       f"the micro-batch {micro} ({mesh.size} devices).")
+    num = total // micro
+  return micro, num
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-  for field in ("num_updates", "micro_batch", "num_micro_batches"):
-    if int(config[field]) < 1:
-      raise ValueError(f"config.{field}={config[field]} must be ≥ 1.")
-  shd.check_divisible(config.micro_batch, mesh, "config.micro_batch")
+  if int(config.num_updates) < 1:
+    raise ValueError(f"config.num_updates={config.num_updates} must be ≥ 1.")
+  micro, num = batch_arithmetic(config, mesh)
+  for field, value in (("micro_batch", micro), ("num_micro_batches", num)):
+    if value < 1:
+      raise ValueError(f"config.{field}={value} must be ≥ 1.")
+  shd.check_divisible(micro, mesh, "config.micro_batch")
   if config.eta <= 0 and config.kl_weight > 0:
     raise ValueError(f"config.eta={config.eta}: the path KL needs η > 0 (at η = 0 the chain is "
                      "deterministic and the KL is undefined); set eta > 0 or kl_weight = 0.")
@@ -146,9 +175,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   step_fn = train.make_train_step(setup, optimizer, mesh)
   key = jax.random.key(config.seed)
 
+  micro, num_micro = batch_arithmetic(config, mesh)
+
   def batch_fn(step):
     return sample_requests(config.seed, step, setup.label_space, problem.num_prompts,
-                           config.num_micro_batches, config.micro_batch)
+                           num_micro, micro)
 
   state, history, start = loop.run(
       "finetune", workdir, state, lambda s, b: step_fn(s, b, key, frozen), batch_fn,
@@ -163,8 +194,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, params: dict | None = None) -> dict:
-  """Runs the problem's evaluation (the digits benchmark has one) on the run in `workdir`."""
-  if config.problem != "digits":
-    raise ValueError(f"config.problem={config.problem!r} has no evaluation; only 'digits' does.")
-  from ctrl_jax import digits_eval  # pylint: disable=g-import-not-at-top  (imports us)
-  return digits_eval.evaluate(config, workdir, params)
+  """Runs the problem's evaluation (digits benchmark, SD) on the run in `workdir`."""
+  if config.problem == "digits":
+    from ctrl_jax import digits_eval  # pylint: disable=g-import-not-at-top  (imports us)
+    return digits_eval.evaluate(config, workdir, params)
+  if config.problem == "sd":
+    from ctrl_jax import sd_eval  # pylint: disable=g-import-not-at-top  (imports us)
+    return sd_eval.evaluate(config, workdir, params)
+  raise ValueError(f"config.problem={config.problem!r} has no evaluation; 'digits' and 'sd' do.")

@@ -196,11 +196,63 @@ def export_digits(config: ml_collections.ConfigDict, workdir: str, out: str,
   return {"out": out, "step": step, "files": files, "labels": info}
 
 
+def export_sd(config: ml_collections.ConfigDict, workdir: str, out: str,
+              lora_only: bool = False) -> dict[str, Any]:
+  """Exports an SD CTRL run: a full diffusers folder (unet with label table + merged LoRA, vae,
+  text_encoder, tokenizer, DDIM scheduler, model_index.json) or, with `lora_only`, only
+  ctrl_lora.safetensors + scheduler + ctrl_labels.json (the base SD is the user's)."""
+  from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
+  from ctrl_jax import sd_pipeline  # pylint: disable=g-import-not-at-top
+  problem = sd_pipeline.build_problem(config, workdir)
+  params, step = experiment.load_finetuned(config, workdir, problem)
+  model, sd = problem.setup.model, problem.info["sd"]
+  _fresh(out)
+  files = {}
+  sched = ddim_scheduler_config(beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012, eta=config.eta)
+  if lora_only:
+    files["lora"] = export_lora(os.path.join(out, "ctrl_lora.safetensors"), model, params)
+    weights.write_json(os.path.join(out, "scheduler", "scheduler_config.json"), sched)
+  else:
+    files["unet"] = export_unet(os.path.join(out, "unet"), model, sd.unet_params, params)
+    files.update(export_sd_components(
+        out, vae=sd.vae, vae_params=sd.vae_params, text_encoder=sd.text_encoder,
+        text_encoder_params=sd.text_encoder_params,
+        tokenizer_dir=os.path.join(sd.folder, "tokenizer"), scheduler_config=sched))
+  ls = problem.setup.label_space
+  cls_info = problem.info["classifier"]
+  class_names, edges = [], []
+  for name, k in zip(ls.task_names, ls.task_classes):
+    if name == "aesthetic":
+      thr = cls_info["aesthetic_threshold"]
+      class_names.append([f"LAION score < {thr:g}", f"LAION score ≥ {thr:g}"])
+      edges.append([thr])
+    else:
+      e = cls_info["edges_kb"][name]
+      class_names.append([f"JPEG > {e[-1 - j]:g} kB" if j == 0 else
+                          f"JPEG ≤ {e[k - 1 - j]:g} kB" for j in range(k)])
+      edges.append(e)
+  info = labels_info(ls.task_names, ls.task_classes, class_names=class_names, bin_edges=edges,
+                     guidance_scale=config.guidance_scale, eta=config.eta,
+                     num_inference_steps=config.num_inference_steps, extra={
+                         "source": {"workdir": os.path.abspath(workdir), "ctrl_step": step,
+                                    "pretrained_model": config.pretrained_model},
+                         "lora_only": lora_only})
+  if lora_only:
+    info["lora_format"] = LORA_DOC
+  weights.write_json(os.path.join(out, "ctrl_labels.json"), info)
+  print(f"[export] CTRL step {step} → {out}", flush=True)
+  return {"out": out, "step": step, "files": files, "labels": info}
+
+
 def export(config: ml_collections.ConfigDict, workdir: str, out: str,
            lora_only: bool = False) -> dict[str, Any]:
   if config.problem == "digits":
     return export_digits(config, workdir, out, lora_only)
-  raise ValueError(f"config.problem={config.problem!r} cannot be exported; supported: 'digits'.")
+  if config.problem == "sd":
+    return export_sd(config, workdir, out, lora_only)
+  raise ValueError(f"config.problem={config.problem!r} cannot be exported; supported: 'digits', "
+                   "'sd'.")
 
 
 def export_sd_components(out: str, *, vae=None, vae_params=None, text_encoder=None,

@@ -1,4 +1,11 @@
-"""What every launcher shares: the --config / --workdir flags and a quiet absl main."""
+"""What every launcher shares: the --config / --workdir flags and a quiet absl main.
+
+Multi-host (Cloud TPU VM slice, multi-node GPU): with `CTRL_JAX_DISTRIBUTED=1` in the
+environment every process calls `jax.distributed.initialize()` before any other jax use. The
+argument-free form auto-detects Cloud TPU, SLURM and Open MPI; elsewhere set
+JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+"""
+import os
 from typing import Callable
 
 from absl import app
@@ -12,11 +19,25 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _maybe_initialize_distributed() -> None:
+  """`jax.distributed.initialize()` iff CTRL_JAX_DISTRIBUTED=1 (see the module docstring)."""
+  if os.environ.get("CTRL_JAX_DISTRIBUTED", "0") != "1":
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  if "JAX_NUM_PROCESSES" in os.environ:  # not read by jax itself (the address is)
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if "JAX_PROCESS_ID" in os.environ:
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  jax.distributed.initialize(**kwargs)
+
+
 def run(stage: Callable[..., object]) -> None:
   """app.run of `stage(config, workdir)`, with orbax's per-operation INFO logs silenced."""
 
   def main(argv):
     del argv
+    _maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)
     stage(_CONFIG.value, _WORKDIR.value)
 

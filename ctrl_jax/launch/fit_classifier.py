@@ -1,11 +1,23 @@
-"""Fits the calibrated reward classifier(s) p̂(y | x) of a benchmark (stage 2).
+"""Fits the calibrated reward classifier(s) p̂(y | x) of a config's task (its own stage).
 
   python -m ctrl_jax.launch.fit_classifier --config=configs/digits.py --workdir=runs/digits
+  python -m ctrl_jax.launch.fit_classifier --config=configs/aesthetic.py --workdir=runs/aesthetic
 
-Reuses DIR/classifier when it is complete.
+Reuses DIR/classifier when it is complete (a different classifier config is refused).
 """
-from ctrl_jax import digits_pipeline
 from ctrl_jax.launch import common
 
+
+def fit_classifier(config, workdir):
+  if config.problem == "digits":
+    from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
+    digits_pipeline.ensure_classifiers(config, workdir)
+  elif config.problem == "sd":
+    from ctrl_jax import sd_pipeline  # pylint: disable=g-import-not-at-top
+    sd_pipeline.ensure_classifiers(config, workdir)
+  else:
+    raise ValueError(f"config.problem={config.problem!r} has no classifier stage.")
+
+
 if __name__ == "__main__":
-  common.run(digits_pipeline.ensure_classifiers)
+  common.run(fit_classifier)

@@ -1,0 +1,20 @@
+"""CTRL on Stable Diffusion v1.5: 4 JPEG-compressibility classes (≤60/≤85/≤110/>110 kB),
+official settings.
+
+  python -m ctrl_jax.launch.fit_classifier --config=configs/compressibility.py --workdir=runs/c
+  python -m ctrl_jax.launch.finetune --config=configs/compressibility.py --workdir=runs/c
+  python -m ctrl_jax.launch.finetune --config=configs/compressibility.py:tiny --workdir=/tmp/c
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sd_common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def get_config(variant: str = "official"):
+  c = sd_common.base_config("compressibility")
+  c.lr_lora = 1e-3              # §6
+  c.lr_label_embedding = 1e-2   # §6
+  c.trajectories_per_update = 256  # §6
+  return sd_common.tiny(c) if variant == "tiny" else c

@@ -1,0 +1,131 @@
+"""Evaluation of an SD CTRL run with the ground truths (true LAION score, true JPEG size).
+
+Every (eval prompt, label) cell is sampled `samples_per_class` times from the fine-tuned and the
+pre-trained model with the same seeds (paired noise); the true classes of the decoded images
+are compared with the asked ones. Outputs in DIR/eval/: samples.npz, metrics.json, summary.md,
+grid.png (rows = prompts, columns = classes; pre-trained | fine-tuned).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import sklearn.metrics
+
+from ctrl_jax import digits_eval
+from ctrl_jax import experiment
+from ctrl_jax import sd_pipeline
+from ctrl_jax.models import sd as sd_lib
+
+
+def eval_requests(num_prompts: int, num_labels: int, per_cell: int, label_space
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt int32 [N], y int32 [N, T]): prompt-major, then label, `per_cell` each."""
+  prompt = np.repeat(np.arange(num_prompts), num_labels * per_cell).astype(np.int32)
+  label = np.tile(np.repeat(np.arange(num_labels), per_cell), num_prompts)
+  return prompt, np.asarray(label_space.decode(jnp.asarray(label)), np.int32)
+
+
+def score(y_true: np.ndarray, prompt: np.ndarray, y: np.ndarray, label_space,
+          raw: dict[str, np.ndarray]) -> dict[str, Any]:
+  out: dict[str, Any] = {"num_samples": int(len(y)), "tasks": {}}
+  for t, (name, k) in enumerate(zip(label_space.task_names, label_space.task_classes)):
+    out["tasks"][name] = {
+        "accuracy": float((y_true[:, t] == y[:, t]).mean()),
+        "macro_f1": float(sklearn.metrics.f1_score(y[:, t], y_true[:, t], average="macro",
+                                                   labels=list(range(k)))),
+        "per_class_accuracy": [float((y_true[y[:, t] == j, t] == j).mean()) for j in range(k)],
+        "confusion": sklearn.metrics.confusion_matrix(y[:, t], y_true[:, t],
+                                                      labels=list(range(k))).tolist(),
+    }
+  correct = (y_true == y).all(-1)
+  out["joint_accuracy"] = float(correct.mean())
+  label = np.asarray(label_space.encode(jnp.asarray(y)))
+  k = label_space.num_labels
+  p = int(prompt.max()) + 1
+  cell = prompt * k + label
+  out["cell_accuracy"] = (np.bincount(cell, correct, p * k) /
+                          np.maximum(np.bincount(cell, minlength=p * k), 1)).reshape(p, k).tolist()
+  for name, v in raw.items():
+    out[f"mean_{name}_per_label"] = [float(v[label == j].mean()) for j in range(k)]
+  return out
+
+
+def save_grid(path: str, images: np.ndarray, images_pre: np.ndarray, prompt: np.ndarray,
+              label: np.ndarray, num_prompts: int, num_labels: int, per_cell: int) -> None:
+  """Rows = prompts, columns = labels (each `per_cell` samples); pre-trained | fine-tuned."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  def tile(imgs):
+    h, w = imgs.shape[2:]
+    canvas = np.ones((num_prompts * (h + 2), num_labels * per_cell * (w + 2), 3), np.float32)
+    count = {}
+    for img, p, l in zip(imgs, prompt, label):
+      i = count.get((p, l), 0)
+      if i >= per_cell:
+        continue
+      count[(p, l)] = i + 1
+      r, col = p * (h + 2), (l * per_cell + i) * (w + 2)
+      canvas[r:r + h, col:col + w] = np.transpose((img + 1) / 2, (1, 2, 0))
+    return canvas
+
+  both = np.concatenate([tile(images_pre), np.zeros((tile(images_pre).shape[0], 8, 3)),
+                         tile(images)], axis=1)
+  Image.fromarray((np.clip(both, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             params: Optional[dict] = None) -> dict[str, Any]:
+  t0 = time.time()
+  problem = sd_pipeline.build_problem(config, workdir)
+  if params is None:
+    params, _ = experiment.load_finetuned(config, workdir, problem)
+  e = config.eval
+  setup, sd, truth = problem.setup, problem.info["sd"], problem.info["truth"]
+  ls = setup.label_space
+  frozen = {**problem.frozen, "hparams": experiment.hparams_of(config),
+            "contexts": jnp.asarray(sd_lib.encode_prompts(sd, list(e.prompts)))}
+  prompt, y = eval_requests(len(e.prompts), ls.num_labels, e.samples_per_class, ls)
+  sampler = digits_eval.make_sampler(setup)
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  results, images = {}, {}
+  for name, p in (("finetuned", params), ("pretrained", problem.params)):
+    images[name] = digits_eval.sample_all(sampler, jax.device_get(p), frozen, prompt, y,
+                                          e.seed, e.batch_size, name)
+    y_true, raw = truth.labels(images[name])
+    results[name] = score(y_true, prompt, y, ls, raw)
+    results[name]["true_y"] = y_true.tolist()
+  np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images["finetuned"],
+                      images_pretrained=images["pretrained"], prompt=prompt, y=y,
+                      prompts=np.asarray(list(e.prompts)))
+  label = np.asarray(ls.encode(jnp.asarray(y)))
+  save_grid(os.path.join(out_dir, "grid.png"), images["finetuned"], images["pretrained"],
+            prompt, label, len(e.prompts), ls.num_labels, e.grid_samples)
+  metrics = {**{k: {kk: vv for kk, vv in v.items() if kk != "true_y"}
+                for k, v in results.items()},
+             "task": config.task, "eval_prompts": list(e.prompts),
+             "samples_per_class": e.samples_per_class, "classifier": {
+                 n: {kk: vv for kk, vv in v.items() if isinstance(vv, (int, float, list))}
+                 for n, v in problem.info["classifier"]["tasks"].items()},
+             "eval_wall_time_s": time.time() - t0,
+             "not_measured": ["CLIP score (prompt vs image): not implemented yet"]}
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+  lines = ["| model | " + " | ".join(f"{n} acc | {n} macro-F1" for n in ls.task_names) +
+           " | joint |", "|---" * (2 * ls.num_tasks + 2) + "|"]
+  for name in ("pretrained", "finetuned"):
+    m = results[name]
+    lines.append(f"| {name} | " + " | ".join(
+        f"{m['tasks'][n]['accuracy']:.3f} | {m['tasks'][n]['macro_f1']:.3f}"
+        for n in ls.task_names) + f" | {m['joint_accuracy']:.3f} |")
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines), flush=True)
+  return metrics

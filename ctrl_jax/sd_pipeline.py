@@ -1,0 +1,309 @@
+"""CTRL on Stable Diffusion: the classifier stage and the "sd" problem builder.
+
+Tasks (config.task) and their label spaces (several tasks → one index, row-major):
+  "aesthetic"        ("aesthetic",)             2 classes: LAION score ≥ threshold
+  "compressibility"  ("compress4",)             4 classes of JPEG size (q 95): ≤60 / ≤85 / ≤110 kB
+  "multitask"        ("aesthetic", "compress2") 2 × 2; label ℓ: aesthetic = ℓ // 2, compress = ℓ % 2
+
+Stages in DIR: classifier/ (fitted p̂(y | x) per task name, `info.json` written last), then
+CTRL (experiment.finetune). The `:tiny` configs use `pretrained_model="tiny"`: a random
+SD-shaped folder and synthetic offline data written into DIR by the same code path.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ctrl_jax import experiment
+from ctrl_jax import rewards
+from ctrl_jax import schedules
+from ctrl_jax import train
+from ctrl_jax.models import augmented
+from ctrl_jax.models import sd as sd_lib
+from ctrl_jax.models import weights
+
+TASKS = {"aesthetic": (("aesthetic",), (2,)),
+         "compressibility": (("compress4",), (4,)),
+         "multitask": (("aesthetic", "compress2"), (2, 2))}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def label_space(task: str) -> rewards.LabelSpace:
+  if task not in TASKS:
+    raise ValueError(f"config.task={task!r}; expected one of {sorted(TASKS)}.")
+  return rewards.LabelSpace(*TASKS[task])
+
+
+def activation_dtype(config: ml_collections.ConfigDict):
+  if config.activation_dtype not in DTYPES:
+    raise ValueError(f"config.activation_dtype={config.activation_dtype!r}; expected one of "
+                     f"{sorted(DTYPES)}.")
+  return DTYPES[config.activation_dtype]
+
+
+def pretrained_folder(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The diffusers folder (or hub id) of the pre-trained model; "tiny" → DIR/tiny_sd."""
+  if config.pretrained_model == "tiny":
+    return sd_lib.write_tiny_sd(os.path.join(workdir, "tiny_sd"), seed=config.seed)
+  return config.pretrained_model
+
+
+# ----------------------------------------------------------------------------- offline data
+
+
+def write_tiny_data(folder: str, n: int = 64, size: int = 16, seed: int = 0) -> str:
+  """Synthetic offline images for `:tiny` configs: half smooth gradients, half noise (so JPEG
+  size and any random feature vary), as PNGs."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(folder, "done")):
+    return folder
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    amount = i / (n - 1)
+    base = np.linspace(0, 255, size)[None, :, None] * rng.uniform(0.2, 1.0, (1, 1, 3))
+    img = (1 - amount) * base + amount * rng.uniform(0, 255, (size, size, 3))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+        os.path.join(folder, f"{i:04d}.png"))
+  open(os.path.join(folder, "done"), "w").close()
+  return folder
+
+
+def _tiny_aesthetic_models(folder: str, seed: int) -> tuple[str, str]:
+  """A random tiny CLIP (FlaxCLIPModel msgpack) + random LAION MLP (safetensors)."""
+  from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
+  from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
+  clip_dir = os.path.join(folder, "clip")
+  mlp_path = os.path.join(folder, "laion_mlp.safetensors")
+  if not os.path.exists(mlp_path):
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4)
+    cfg = CLIPConfig(text_config=dict(small, vocab_size=64, max_position_embeddings=16),
+                     vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
+    FlaxCLIPModel(cfg, seed=seed).save_pretrained(clip_dir)
+    rng = np.random.default_rng(seed)
+    dims = [(16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
+    tensors = {}
+    for idx, (d_in, d_out) in zip((0, 2, 4, 6, 7), dims):
+      tensors[f"layers.{idx}.weight"] = rng.normal(0, d_in ** -0.5, (d_out, d_in))
+      tensors[f"layers.{idx}.bias"] = np.zeros(d_out)
+    tensors["layers.7.bias"] = np.full(1, 5.7)
+    weights.write_safetensors(mlp_path, tensors)
+  return clip_dir, mlp_path
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+def _edges(values: np.ndarray, edges: tuple, num_classes: int) -> tuple[float, ...]:
+  """Configured edges, or (empty config) the quantiles of the offline data."""
+  if edges:
+    return tuple(float(e) for e in edges)
+  return tuple(float(q) for q in np.quantile(values, np.arange(1, num_classes) / num_classes))
+
+
+def size_classes(size_kb: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
+  """JPEG size → class: #{edges e : size ≤ e} (smaller file = higher class)."""
+  size_kb = np.asarray(size_kb, np.float64)
+  return np.sum(size_kb[..., None] <= np.asarray(edges, np.float64), axis=-1).astype(np.int32)
+
+
+def _save_msgpack(path: str, tree) -> None:
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "wb") as f:
+    f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, tree)))
+  os.replace(path + ".tmp", path)
+
+
+def _load_msgpack(path: str):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    return jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(f.read()))
+
+
+def _classifier_config(config: ml_collections.ConfigDict) -> dict:
+  """The classifier stage's config as JSON would store it (tuples → lists)."""
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(json.dumps({"task": config.task, "seed": config.seed,
+                                **config.classifier.to_dict()}))
+
+
+class GroundTruth:
+  """The true labels (evaluation): LAION score ≥ threshold, JPEG-size bins."""
+
+  def __init__(self, names, info: dict, aesthetic_models=None, jpeg_quality: int = 95):
+    self.names = tuple(names)
+    self.info = info
+    self.aesthetic_models = aesthetic_models
+    self.jpeg_quality = jpeg_quality
+
+  def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    from ctrl_jax import compressibility  # pylint: disable=g-import-not-at-top
+    out = {}
+    if "aesthetic" in self.names:
+      from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
+      clip_model, clip_params, mlp = self.aesthetic_models
+      out["laion_score"] = np.asarray(
+          aesthetic.laion_score(clip_model, clip_params, mlp, jnp.asarray(images)))
+    if any(n.startswith("compress") for n in self.names):
+      out["jpeg_kb"] = compressibility.jpeg_size_kb(compressibility.to_uint8(images),
+                                                    quality=self.jpeg_quality)
+    return out
+
+  def labels(self, images: np.ndarray) -> tuple[np.ndarray, dict]:
+    """images [N, 3, H, W] in [-1, 1] → (y int32 [N, T], raw scores)."""
+    s = self.scores(images)
+    cols = []
+    for name in self.names:
+      if name == "aesthetic":
+        cols.append((s["laion_score"] >= self.info["aesthetic_threshold"]).astype(np.int32))
+      else:
+        cols.append(size_classes(s["jpeg_kb"], tuple(self.info["edges_kb"][name])))
+    return np.stack(cols, -1), s
+
+
+def _load_aesthetic_truth(k: ml_collections.ConfigDict, workdir: str, seed: int):
+  from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
+  clip_path, mlp_path = k.clip_model, k.laion_weights
+  if clip_path == "tiny":
+    clip_path, mlp_path = _tiny_aesthetic_models(os.path.join(workdir, "tiny_aesthetic"), seed)
+  clip_model, clip_params = aesthetic.load_clip_vision(weights.resolve_folder(clip_path))
+  if not os.path.exists(mlp_path):
+    raise FileNotFoundError(
+        f"config.classifier.laion_weights={mlp_path!r} does not exist; download "
+        "`sac+logos+ava1-l14-linearMSE.pth` (LAION improved-aesthetic-predictor) and give its "
+        "path (or a safetensors copy).")
+  return clip_model, clip_params, aesthetic.load_laion_mlp_params(mlp_path)
+
+
+def _offline_images(path: str, size: int, what: str) -> np.ndarray:
+  from ctrl_jax import compressibility  # pylint: disable=g-import-not-at-top
+  if not path:
+    raise ValueError(f"config.classifier.{what} is empty; give a folder of images.")
+  return compressibility.load_image_folder(path, size=size)
+
+
+def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
+  """Fits p̂(y_t | x) per task name unless DIR/classifier/info.json exists (a different
+  classifier config is refused). Returns (applies, params per task, info, ground truth)."""
+  from ctrl_jax import compressibility  # pylint: disable=g-import-not-at-top
+  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top  (shared helpers)
+  from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
+  k = config.classifier
+  ls = label_space(config.task)
+  stage_dir = os.path.join(workdir, "classifier")
+  info_path = os.path.join(stage_dir, "info.json")
+  wanted = _classifier_config(config)
+  truth_models = None
+  if "aesthetic" in ls.task_names:
+    truth_models = _load_aesthetic_truth(k, workdir, config.seed)
+  applies = []
+  for name, n in zip(ls.task_names, ls.task_classes):
+    if name == "aesthetic":
+      applies.append(aesthetic.classifier_apply(truth_models[0]))
+    else:
+      applies.append(compressibility.classifier_apply(compressibility.CompressibilityCNN(
+          n, width=k.cnn_width, input_size=k.cnn_input_size)))
+
+  def full_params(name, saved):
+    # The CLIP tower is the (frozen) ground-truth one: not saved again with the head.
+    return {"clip": truth_models[1], "head": saved} if name == "aesthetic" else saved
+
+  if os.path.exists(info_path):
+    info = weights.read_json(info_path)
+    digits_pipeline._check_same("classifier", info["config"], wanted, info_path)  # pylint: disable=protected-access
+    print(f"[classifier] reusing {stage_dir}", flush=True)
+    params = [full_params(name, _load_msgpack(os.path.join(stage_dir, f"{name}.msgpack")))
+              for name in ls.task_names]
+    return applies, params, info, GroundTruth(ls.task_names, info, truth_models)
+
+  t0 = time.time()
+  data_size = k.image_size
+  if config.pretrained_model == "tiny":
+    tiny = write_tiny_data(os.path.join(workdir, "tiny_data"), seed=config.seed)
+    compress_dir = k.compress_data or tiny
+    aesthetic_data = k.aesthetic_data or tiny
+  else:
+    compress_dir, aesthetic_data = k.compress_data, k.aesthetic_data
+  info: dict[str, Any] = {"config": wanted, "tasks": {}, "edges_kb": {}}
+  params = []
+  for t, (name, n) in enumerate(zip(ls.task_names, ls.task_classes)):
+    if name == "aesthetic":
+      clip_model, clip_params, mlp = truth_models
+      if aesthetic_data.endswith(".npz"):
+        emb, scores = aesthetic.load_embeddings_npz(aesthetic_data)
+      else:
+        images = _offline_images(aesthetic_data, data_size, "aesthetic_data")
+        emb = np.concatenate([np.asarray(aesthetic.image_embedding(
+            clip_model, clip_params, jnp.asarray(images[s:s + 64])))
+                              for s in range(0, len(images), 64)])
+        scores = np.asarray(aesthetic.laion_score(clip_model, clip_params, mlp,
+                                                  jnp.asarray(images)))
+      thr = float(np.median(scores)) if k.aesthetic_threshold < 0 else k.aesthetic_threshold
+      info["aesthetic_threshold"] = thr
+      labels = (scores >= thr).astype(np.int32)
+      head, fit = aesthetic.fit_head(emb, labels, config.seed + t, epochs=k.head_epochs,
+                                     batch=k.head_batch, lr=k.head_lr,
+                                     calib_fraction=k.calib_fraction)
+      fit.update(class_counts=np.bincount(labels, minlength=2).tolist(),
+                 score_mean=float(scores.mean()), score_std=float(scores.std()))
+      params.append(full_params(name, head))
+      _save_msgpack(os.path.join(stage_dir, f"{name}.msgpack"), head)
+    else:
+      images = _offline_images(compress_dir, data_size, "compress_data")
+      size_kb = compressibility.jpeg_size_kb(compressibility.to_uint8(images),
+                                             quality=k.jpeg_quality)
+      edges = _edges(size_kb, tuple(k.get(f"{name}_edges_kb") or ()), n)
+      info["edges_kb"][name] = list(edges)
+      labels = size_classes(size_kb, edges)
+      variables, fit = compressibility.fit_classifier(
+          images, labels, n, config.seed + t, steps=k.cnn_steps, batch=k.cnn_batch,
+          lr=k.cnn_lr, calib_fraction=k.calib_fraction, width=k.cnn_width,
+          input_size=k.cnn_input_size)
+      fit.update(class_counts=np.bincount(labels, minlength=n).tolist())
+      params.append(variables)
+      _save_msgpack(os.path.join(stage_dir, f"{name}.msgpack"), variables)
+    info["tasks"][name] = fit
+    print(f"[classifier] {name}: train acc {fit['train_acc']:.3f} calib acc "
+          f"{fit['calib_acc']:.3f} T={fit['temperature']:.3g}", flush=True)
+  info["wall_time_s"] = time.time() - t0
+  weights.write_json(info_path, info)
+  return applies, params, info, GroundTruth(ls.task_names, info, truth_models)
+
+
+# ----------------------------------------------------------------------------- the problem
+
+
+def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment.Problem:
+  """Loads SD, encodes the prompts once, fits / reuses the classifiers; the CTRL problem."""
+  dtype = activation_dtype(config)
+  sd = sd_lib.load_sd(pretrained_folder(config, workdir), dtype=dtype)
+  applies, cls_params, cls_info, truth = ensure_classifiers(config, workdir)
+  ls = label_space(config.task)
+  weights_ = tuple(config.reward_weights) or (1.0,) * ls.num_tasks
+  if len(weights_) != ls.num_tasks:
+    raise ValueError(f"config.reward_weights={weights_}: need one per task {ls.task_names}.")
+  model = augmented.AugmentedUNet(sd.unet, num_labels=ls.num_labels, lora_rank=config.lora_rank)
+  setup = train.CtrlSetup(
+      model=model, label_space=ls, reward_fn=rewards.make_reward_fn(applies, weights_),
+      decode_fn=sd_lib.make_decode_fn(sd.vae), latent_shape=sd.latent_shape,
+      timesteps=schedules.ddim_timesteps(1000, config.num_inference_steps),
+      use_cfg=config.use_cfg, kl_convention=config.kl_convention, truncation=config.truncation,
+      truncation_k=config.truncation_k, remat_policy=config.remat_policy or None,
+      reference_grad=config.reference_grad)
+  contexts = sd_lib.encode_prompts(sd, list(config.prompts))
+  uncond = sd_lib.encode_prompts(sd, [""])[0]
+  frozen = {"unet": sd.unet_params, "reward": list(cls_params), "decoder": sd.vae_params,
+            "contexts": jnp.asarray(contexts), "uncond_context": jnp.asarray(uncond),
+            "schedule": schedules.make_schedule()}
+  params = train.init_trainable(setup, jax.random.key(config.seed), sd.unet_params)
+  return experiment.Problem(setup=setup, frozen=frozen, params=params,
+                            num_prompts=len(config.prompts),
+                            info={"classifier": cls_info, "sd": sd, "truth": truth})

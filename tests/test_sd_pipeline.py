@@ -1,0 +1,107 @@
+"""The SD configs' `:tiny` variants end to end on CPU (random tiny SD folder, random CLIP tower
+and LAION MLP, synthetic offline images; the real loading, classifier, CTRL, evaluation and
+export code): fit classifier → finetune → checkpoint → resume → evaluate → export. And the
+same tiny update on 8 fake devices and on 1 device gives the same first-step loss."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ctrl_jax import experiment
+from ctrl_jax import export
+from ctrl_jax import sd_pipeline
+from ctrl_jax import sharding as shd
+from ctrl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import aesthetic as aesthetic_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import compressibility as compressibility_config  # noqa: E402  pylint: disable=g-import-not-at-top
+import multitask as multitask_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+CONFIGS = {"aesthetic": aesthetic_config, "compressibility": compressibility_config,
+           "multitask": multitask_config}
+
+
+def test_official_configs_carry_the_official_settings():
+  for name, module in CONFIGS.items():
+    c = module.get_config()
+    assert (c.num_inference_steps, c.eta, c.guidance_scale, c.lora_rank) == (50, 1.0, 7.5, 4)
+    assert (c.gamma, c.kl_weight, c.kl_convention, c.truncation) == (0.1, 0.01, "official",
+                                                                     "random")
+    assert len(c.prompts) == 45 and len(c.eval.prompts) == 8, name
+  assert compressibility_config.get_config().trajectories_per_update == 256
+  assert multitask_config.get_config().reward_weights == (1.0, 2.0)
+  assert aesthetic_config.get_config().lr_lora == 1e-4
+
+
+@pytest.mark.parametrize("task", sorted(CONFIGS))
+def test_tiny_config_end_to_end(task, tmp_path, capsys):
+  config = CONFIGS[task].get_config("tiny")
+  workdir = str(tmp_path / task)
+  applies, params, info, _ = sd_pipeline.ensure_classifiers(config, workdir)
+  names = sd_pipeline.label_space(task).task_names
+  assert len(applies) == len(params) == len(names)
+  for name in names:
+    assert np.isfinite(info["tasks"][name]["temperature"])
+  with open(os.path.join(workdir, "classifier", "info.json")) as f:
+    assert set(json.load(f)["tasks"]) == set(names)
+
+  config.num_updates = 2
+  first = experiment.finetune(config, workdir)
+  assert first["start_step"] == 0
+  assert os.path.isdir(os.path.join(workdir, "finetune", "ckpt", "2"))
+  config.num_updates = 4
+  second = experiment.finetune(config, workdir)
+  assert second["start_step"] == 2 and "[finetune] resumed from" in capsys.readouterr().out
+  losses = [h["loss"] for h in second["history"]]
+  assert len(losses) >= 3 and np.isfinite(losses).all()
+
+  metrics = experiment.evaluate(config, workdir, second["params"])
+  ls = sd_pipeline.label_space(task)
+  n = len(config.eval.prompts) * ls.num_labels * config.eval.samples_per_class
+  with np.load(os.path.join(workdir, "eval", "samples.npz")) as f:
+    assert f["images"].shape == (n, 3, 16, 16) and f["y"].shape == (n, ls.num_tasks)
+    assert f["images"].min() >= -1 and f["images"].max() <= 1
+  for model in ("finetuned", "pretrained"):
+    assert set(metrics[model]["tasks"]) == set(names)
+    assert np.asarray(metrics[model]["cell_accuracy"]).shape == (len(config.eval.prompts),
+                                                                 ls.num_labels)
+  assert os.path.getsize(os.path.join(workdir, "eval", "grid.png")) > 100
+
+  out = str(tmp_path / "export")
+  export.export(config, workdir, out)
+  for sub in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+              "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+              "tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json",
+              "ctrl_labels.json"):
+    assert os.path.exists(os.path.join(out, sub)), sub
+  with open(os.path.join(out, "unet", "config.json")) as f:
+    assert json.load(f)["num_class_embeds"] == ls.num_labels + 1
+  with open(os.path.join(out, "ctrl_labels.json")) as f:
+    labels = json.load(f)
+  assert [t["name"] for t in labels["tasks"]] == list(names)
+  assert labels["guidance_scale"] == config.guidance_scale
+
+
+def test_first_step_loss_is_the_same_on_8_devices_and_on_1(tmp_path):
+  assert jax.device_count() == 8
+  config = compressibility_config.get_config("tiny")
+  problem = sd_pipeline.build_problem(config, str(tmp_path))
+  optimizer = experiment.make_optimizer(config)
+  frozen = {**problem.frozen, "hparams": experiment.hparams_of(config)}
+  batch = experiment.sample_requests(0, 0, problem.setup.label_space, problem.num_prompts, 1, 8)
+  losses = {}
+  for n in (8, 1):
+    mesh = shd.make_mesh(jax.devices()[:n])
+    state = train.create_train_state(problem.params, optimizer, mesh)
+    step = train.make_train_step(problem.setup, optimizer, mesh)
+    _, metrics = step(state, batch, jax.random.key(0), jax.device_put(frozen,
+                                                                        shd.replicated(mesh)))
+    losses[n] = float(metrics["loss"])
+  print(f"\nfirst-step loss: 8 devices {losses[8]:.6f}, 1 device {losses[1]:.6f}")
+  assert np.isfinite(losses[1])
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4, atol=1e-5)
