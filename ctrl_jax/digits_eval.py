@@ -140,7 +140,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   e = config.eval
   c, y = eval_requests(setup.label_space, e.samples_per_cell)
   sampler = make_sampler(setup)
-  images = {name: sample_all(sampler, p, frozen, c, y, e.seed, e.batch_size, name)
+  # Both param trees as host arrays: the same argument placement ⇒ one compilation.
+  images = {name: sample_all(sampler, jax.device_get(p), frozen, c, y, e.seed, e.batch_size,
+                             name)
             for name, p in (("finetuned", params), ("pretrained", problem.params))}
   splits = digits.load_splits()
   judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])

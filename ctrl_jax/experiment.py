@@ -177,9 +177,13 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
 
   micro, num_micro = batch_arithmetic(config, mesh)
 
+  batch_sharding = shd.data_sharded(mesh, batch_axis=1)
+
   def batch_fn(step):
-    return sample_requests(config.seed, step, setup.label_space, problem.num_prompts,
-                           num_micro, micro)
+    # Placed explicitly: a multi-process jit refuses numpy inputs with non-trivial shardings
+    # (every process computes the same global requests from (seed, step)).
+    return jax.device_put(sample_requests(config.seed, step, setup.label_space,
+                                          problem.num_prompts, num_micro, micro), batch_sharding)
 
   state, history, start = loop.run(
       "finetune", workdir, state, lambda s, b: step_fn(s, b, key, frozen), batch_fn,
