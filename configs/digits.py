@@ -93,7 +93,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   elif variant == "quick":      # CI-sized: same code path, tiny budgets (~2.5 min on 2 cores)
     p.batch_size = 32
     p.num_steps = 300
-    p.checkpoint_every = 100
+    p.checkpoint_every = 300
+    c.truncation = "none"       # 6 steps: gradient through all (ink3 0.475 vs 0.408 random)
     k.steps = 300
     c.num_inference_steps = 6
     c.lr_label_embedding = 3e-2  # a few updates must move y: big steps (costs digit accuracy)
