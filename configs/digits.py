@@ -83,6 +83,26 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   e.batch_size = 500            # samples per sampling call
   e.grid_samples = 4            # samples per cell in the PNG grids
 
+  # Baselines comparison (ctrl_jax.compare; python -m ctrl_jax.launch.compare).
+  m = c.compare = ml_collections.ConfigDict()
+  m.methods = ("pretrained", "ctrl", "dps", "dps_nojac", "classifier_guidance",
+               "cfg_triplets", "mpgd", "smc", "svdd")  # methods to run
+  m.samples_per_cell = 20       # final evaluation: samples per (digit, label) cell
+  m.tune_samples_per_cell = 4   # weight tuning set: samples per cell (another seed)
+  m.seed = 4321                 # x_T / noise seed of the final evaluation
+  m.batch_size = 300            # requests per sampling call
+  m.digit_drop_limit = 0.03     # tuning: keep digit accuracy ≥ pre-trained − this
+  m.grids = ml_collections.ConfigDict({  # guidance weight grids (svdd: temperature; cfg: scale)
+      "dps": (0.1, 0.3, 1.0, 3.0), "dps_nojac": (0.01, 0.03, 0.1, 0.3),
+      "classifier_guidance": (1.0, 3.0, 10.0), "mpgd": (0.1, 0.3, 1.0, 3.0),
+      "smc": (0.3, 1.0, 3.0), "svdd": (0.1, 0.3, 1.0), "cfg_triplets": (2.0, 4.0)})
+  m.smc_particles = 4           # TDS particles per sample (K)
+  m.svdd_candidates = 4         # SVDD candidates per step (M)
+  m.noisy_classifier_steps = 2000  # classifier guidance: Adam steps of p(y | x_t, t)
+  b = c.baselines = ml_collections.ConfigDict()
+  b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of
+                                #   ctrl_jax.cfg_triplets.default_cfg_config() (1000 steps, …)
+
   if variant == "ink":
     pass
   elif variant == "multitask":
@@ -104,6 +124,15 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     e.samples_per_cell = 8
     e.batch_size = 240
     e.grid_samples = 2
+    m.samples_per_cell = 2
+    m.tune_samples_per_cell = 1
+    m.batch_size = 60
+    m.grids = ml_collections.ConfigDict({
+        "dps": (1.0,), "dps_nojac": (0.1,), "classifier_guidance": (3.0,), "mpgd": (1.0,),
+        "smc": (1.0,), "svdd": (0.3,), "cfg_triplets": (2.0,)})
+    m.noisy_classifier_steps = 100
+    b.cfg.steps = 30
+    b.cfg.checkpoint_every = 30
   else:
     raise ValueError(f"unknown variant {variant!r} of configs/digits.py; expected "
                      "'ink', 'multitask' or 'quick'.")

@@ -191,8 +191,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
       max_checkpoints=config.get("max_checkpoints", 3), shown=("loss", "reward", "kl"))
   info = {"wall_time_s": time.time() - t_start, "start_step": start,
           "num_updates": config.num_updates}
-  with open(os.path.join(workdir, "finetune", "info.json"), "w") as f:
-    json.dump(info, f, indent=2)
+  info_path = os.path.join(workdir, "finetune", "info.json")
+  if start < config.num_updates or not os.path.exists(info_path):  # keep a training run's time
+    with open(info_path, "w") as f:
+      json.dump(info, f, indent=2)
   return {"params": state["params"], "state": state, "history": history,
           "wall_time_s": info["wall_time_s"], "start_step": start}
 

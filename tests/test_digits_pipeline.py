@@ -204,3 +204,26 @@ def test_lora_only_export_cli(quick_run, tmp_path):
        f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x'}"], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "no finished pretrain stage" in bad.stderr
+
+
+def test_compare_baselines_on_the_quick_run(quick_run):
+  """The comparison launcher's library function on the :quick run: every guided baseline moves
+  y-accuracy above the unguided pre-trained model's (300 requests each, one tuned weight), and
+  results.json / results.md / grids are written."""
+  from ctrl_jax import compare  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = quick_run
+  config = digits_config.get_config("quick")
+  config.compare.methods = ("pretrained", "dps", "dps_nojac", "classifier_guidance", "mpgd",
+                            "smc", "svdd")
+  config.compare.samples_per_cell = 10
+  config.compare.batch_size = 300
+  results = compare.run(config, workdir)
+  pre = results["pretrained"]["joint_accuracy"]
+  for method in config.compare.methods[1:]:
+    assert results[method]["joint_accuracy"] > pre, (method, results[method]["joint_accuracy"],
+                                                     pre)
+    assert os.path.exists(os.path.join(workdir, "compare", f"grid_{method}.png"))
+  assert results["smc"]["unet_evals_per_sample"] == 4 * 2 * 2 * 6  # K · (ε + VJP) · CFG · N
+  with open(os.path.join(workdir, "compare", "results.json")) as f:
+    assert set(json.load(f)["methods"]) == set(config.compare.methods)
+  assert os.path.getsize(os.path.join(workdir, "compare", "results.md")) > 200

@@ -1,0 +1,276 @@
+"""CTRL against the baselines on the digits benchmark, same task, same classifiers, same cost
+accounting: `python -m ctrl_jax.launch.compare --config=configs/digits.py:ink --workdir=DIR`.
+
+Methods (CTRL_METHOD.md §9; the guided ones sample the *pre-trained* model):
+  pretrained        unguided DDIM with CFG on c (the lower bound)
+  ctrl              the CTRL run in DIR (fine-tuned label embedding + LoRA)
+  dps / dps_nojac   reconstruction guidance with / without the UNet Jacobian
+  classifier_guidance  a noise-conditional classifier trained on the same labelled pairs
+  cfg_triplets      CFG after fine-tuning on (x, c, y) triplets (needs c; same label budget)
+  mpgd              manifold-preserving guidance on x̂0
+  smc               twisted SMC (TDS), K particles per sample
+  svdd              M candidates per step, kept by soft value
+Guidance weights are tuned on a small grid per task (a separate tuning set with another seed):
+the best y-accuracy whose digit accuracy stays within 3 points of the pre-trained model's.
+Outputs: DIR/compare/results.json, results.md and one image grid per method.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ctrl_jax import baselines
+from ctrl_jax import digits
+from ctrl_jax import digits_eval
+from ctrl_jax import digits_pipeline
+from ctrl_jax import experiment
+from ctrl_jax import progress
+
+ALL_METHODS = ("pretrained", "ctrl", "dps", "dps_nojac", "classifier_guidance", "cfg_triplets",
+               "mpgd", "smc", "svdd")
+
+
+def default_compare_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.methods = ALL_METHODS        # which methods to run
+  c.samples_per_cell = 20        # final evaluation: samples per (digit, label) cell
+  c.tune_samples_per_cell = 4    # weight tuning: samples per cell (seed = eval seed + 1)
+  c.seed = 4321                  # x_T / noise seed of the final evaluation
+  c.batch_size = 300             # requests per sampling call
+  c.digit_drop_limit = 0.03      # tuning constraint: digit accuracy ≥ pre-trained − this
+  c.grids = {"dps": (0.1, 0.3, 1.0, 3.0), "dps_nojac": (0.01, 0.03, 0.1, 0.3),
+             "classifier_guidance": (1.0, 3.0, 10.0), "mpgd": (0.1, 0.3, 1.0, 3.0),
+             "smc": (0.3, 1.0, 3.0), "svdd": (0.1, 0.3, 1.0),
+             "cfg_triplets": (2.0, 4.0)}  # weight grids (svdd: temperature; cfg: CFG scale)
+  c.smc_particles = 4            # K
+  c.svdd_candidates = 4          # M
+  c.noisy_classifier_steps = 2000  # classifier guidance: Adam steps of p(y | x_t, t)
+  return c
+
+
+def compare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = default_compare_config()
+  for k, v in (config.get("compare") or ml_collections.ConfigDict()).items():
+    if k not in c:
+      raise ValueError(f"config.compare.{k} is not a compare field; expected one of "
+                       f"{sorted(c.keys())}.")
+    c[k] = v
+  unknown = set(c.methods) - set(ALL_METHODS)
+  if unknown:
+    raise ValueError(f"config.compare.methods has unknown {sorted(unknown)}; expected a subset "
+                     f"of {ALL_METHODS}.")
+  return c
+
+
+def _host(tree):
+  return jax.tree_util.tree_map(jnp.asarray, jax.device_get(tree))
+
+
+def make_guided_sampler(method: str, setup, cc: ml_collections.ConfigDict,
+                        noisy_log_prob: Callable | None = None):
+  """Jitted `sample(frozen, c [B], y [B, T], key, weight, noisy_params) -> images [B, 8, 8]` of a
+  guided baseline on the pre-trained model (weight traced: no recompilation over the grid)."""
+  timesteps = jnp.asarray(setup.timesteps)
+  shape = tuple(setup.latent_shape)
+
+  def sample(frozen, c, y, key, weight, noisy_params):
+    k_x, k_run = jax.random.split(key)
+    sched, eta = frozen["schedule"], frozen["hparams"]["eta"]
+    log_prob = baselines.digits_log_prob_fn(setup, frozen)
+    b = c.shape[0]
+    if method == "smc":
+      k = cc.smc_particles
+      eps = baselines.pretrained_eps_fn(setup, frozen, baselines.repeat_requests(c, k))
+      x_T = jax.random.normal(k_x, (b, k) + shape)
+      x0, _ = baselines.smc_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight)
+    else:
+      eps = baselines.pretrained_eps_fn(setup, frozen, c)
+      x_T = jax.random.normal(k_x, (b,) + shape)
+      if method in ("dps", "dps_nojac"):
+        x0 = baselines.dps_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight,
+                                  use_unet_jacobian=method == "dps")
+      elif method == "mpgd":
+        x0 = baselines.mpgd_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight)
+      elif method == "svdd":
+        eps_m = baselines.pretrained_eps_fn(
+            setup, frozen, baselines.repeat_requests(c, cc.svdd_candidates))
+        x0 = baselines.svdd_sample(eps_m, log_prob, sched, timesteps, x_T, y, k_run, eta, weight,
+                                   num_candidates=cc.svdd_candidates)
+      elif method == "classifier_guidance":
+        x0 = baselines.classifier_guidance_sample(
+            eps, lambda x, t, yy: noisy_log_prob(noisy_params, x, t, yy), sched, timesteps, x_T,
+            y, k_run, eta, weight)
+      else:
+        raise ValueError(f"method={method!r} is not a guided baseline.")
+    return setup.decode_fn(None, x0)
+
+  return jax.jit(sample)
+
+
+def _sample_chunks(fn, c, y, seed, batch_size, name) -> np.ndarray:
+  n = len(c)
+  out = []
+  bar = progress.Progress(f"compare/{name}", -(-n // batch_size))
+  for i, start in enumerate(range(0, n, batch_size)):
+    idx = np.arange(start, start + batch_size) % n
+    out.append(np.asarray(fn(jnp.asarray(c[idx]), jnp.asarray(y[idx]),
+                             jax.random.fold_in(jax.random.key(seed), i)))[:min(batch_size,
+                                                                                n - start)])
+    bar.update(i + 1)
+  return np.concatenate(out).astype(np.float32)
+
+
+def _save_grid(path: str, images: np.ndarray, c: np.ndarray, label: np.ndarray, k: int,
+               per_cell: int = 3) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  canvas = np.ones((10 * 10, k * per_cell * 10), np.float32)
+  count: dict = {}
+  for img, cc, ll in zip(images, c, label):
+    i = count.get((cc, ll), 0)
+    if i < per_cell:
+      count[(cc, ll)] = i + 1
+      canvas[cc * 10:cc * 10 + 8, (ll * per_cell + i) * 10:(ll * per_cell + i) * 10 + 8] = img
+  big = np.kron(canvas, np.ones((4, 4)))
+  Image.fromarray((np.clip(big, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the comparison (missing stages first: pre-training, classifier, CTRL)."""
+  if config.problem != "digits":
+    raise ValueError(f"config.problem={config.problem!r}: the comparison runs on 'digits'.")
+  cc = compare_config(config)
+  out_dir = os.path.join(workdir, "compare")
+  os.makedirs(out_dir, exist_ok=True)
+  problem = digits_pipeline.build_problem(config, workdir)
+  setup, ls = problem.setup, problem.setup.label_space
+  frozen = _host({**problem.frozen, "hparams": experiment.hparams_of(config)})
+  splits = digits.load_splits()
+  rule = digits.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
+  judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
+  held = judge.features(splits["x_heldout"])
+  c_eval, y_eval = digits_eval.eval_requests(ls, cc.samples_per_cell)
+  c_tune, y_tune = digits_eval.eval_requests(ls, cc.tune_samples_per_cell)
+  n_steps = len(setup.timesteps)
+  plain = digits_eval.make_sampler(setup)
+  results: dict[str, Any] = {}
+  path = os.path.join(out_dir, "results.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f).get("methods", {})
+
+  def evaluate(name, fn, extra):
+    # Warm-up call first, so the timing excludes compilation.
+    jax.block_until_ready(fn(jnp.asarray(c_eval[:cc.batch_size]),
+                             jnp.asarray(y_eval[:cc.batch_size]), jax.random.key(0)))
+    t0 = time.time()
+    imgs = _sample_chunks(fn, c_eval, y_eval, cc.seed, cc.batch_size, name)
+    wall = time.time() - t0
+    m = digits_eval.score(imgs, c_eval, y_eval, rule, judge, held, ls)
+    m.update(extra, wall_time_per_100_samples_s=100 * wall / len(c_eval))
+    label = np.asarray(ls.encode(jnp.asarray(y_eval)))
+    _save_grid(os.path.join(out_dir, f"grid_{name}.png"), imgs, c_eval, label, ls.num_labels)
+    results[name] = m
+    with open(path, "w") as f:
+      json.dump({"methods": results, "config": cc.to_dict(), "task": config.task}, f, indent=2)
+    print(f"[compare] {name}: y-acc {m['joint_accuracy']:.3f} digit acc "
+          f"{m['digit_accuracy']:.3f} FD {m['frechet_distance']:.3f}", flush=True)
+
+  def tune(name, fn_of_weight, grid):
+    pre_digit = results["pretrained"]["digit_accuracy"]
+    rows = []
+    for w in grid:
+      imgs = _sample_chunks(lambda c, y, k: fn_of_weight(c, y, k, w), c_tune, y_tune,
+                            cc.seed + 1, cc.batch_size, f"{name}@{w:g}")
+      m = digits_eval.score(imgs, c_tune, y_tune, rule, judge, held, ls)
+      rows.append({"weight": float(w), "joint_accuracy": m["joint_accuracy"],
+                   "digit_accuracy": m["digit_accuracy"]})
+    ok = [r for r in rows if r["digit_accuracy"] >= pre_digit - cc.digit_drop_limit] or rows
+    best = max(ok, key=lambda r: r["joint_accuracy"])
+    return best["weight"], rows
+
+  pre_params = _host(problem.params)
+  evals = lambda method, **kw: baselines.unet_evals_per_sample(method, n_steps, **kw)  # noqa: E731
+  if "pretrained" not in results:
+    evaluate("pretrained", lambda c, y, k: plain(pre_params, frozen, c, y, k),
+             {"unet_evals_per_sample": evals("ddim"), "training_time_s": 0.0})
+  if "ctrl" in cc.methods and "ctrl" not in results:
+    try:
+      ctrl_params, step = experiment.load_finetuned(config, workdir, problem)
+    except FileNotFoundError:
+      step = 0
+    if step < config.num_updates:
+      ctrl_params = experiment.finetune(config, workdir, problem)["params"]
+    with open(os.path.join(workdir, "finetune", "info.json")) as f:
+      info = json.load(f)
+    ctrl_params = _host(ctrl_params)
+    evaluate("ctrl", lambda c, y, k: plain(ctrl_params, frozen, c, y, k),
+             {"unet_evals_per_sample": evals("ddim"), "training_time_s": info["wall_time_s"],
+              "training_note": "CTRL fine-tuning wall time (last invocation that trained)"})
+  noisy_params, noisy_fn, noisy_time = None, None, 0.0
+  if "classifier_guidance" in cc.methods and "classifier_guidance" not in results:
+    t0 = time.time()
+    k = config.classifier
+    x, y = digits.sample_label_pairs(splits["x_train"], rule, k.num_labels, k.label_seed)
+    modules, noisy_params = [], []
+    for t, n in enumerate(ls.task_classes):
+      modules.append(baselines.NoisyDigitClassifier(n))
+      noisy_params.append(baselines.fit_noisy_classifier(
+          x, y[:, t], n, frozen["schedule"], k.seed + t, steps=cc.noisy_classifier_steps))
+    weights = tuple(config.get("reward_weights") or ()) or (1.0,) * ls.num_tasks
+    noisy_fn = baselines.make_noisy_log_prob_fn(modules, weights)
+    noisy_time = time.time() - t0
+  for method in ("dps", "dps_nojac", "classifier_guidance", "mpgd", "smc", "svdd"):
+    if method not in cc.methods or method in results:
+      continue
+    fn = make_guided_sampler(method, setup, cc, noisy_fn)
+    run_w = lambda c, y, key, w, fn=fn: fn(frozen, c, y, key, jnp.float32(w), noisy_params)  # noqa: E731
+    w, rows = tune(method, run_w, cc.grids[method])
+    base = {"dps": "dps", "dps_nojac": "dps"}.get(method, method)
+    evaluate(method, lambda c, y, key, run_w=run_w, w=w: run_w(c, y, key, w), {
+        "weight": w, "tuning": rows,
+        "unet_evals_per_sample": evals(base, use_unet_jacobian=method in ("dps", "smc"),
+                                       num_particles=cc.smc_particles,
+                                       num_candidates=cc.svdd_candidates),
+        "training_time_s": noisy_time if method == "classifier_guidance" else 0.0})
+  if "cfg_triplets" in cc.methods and "cfg_triplets" not in results:
+    from ctrl_jax import cfg_triplets  # pylint: disable=g-import-not-at-top
+    cfg_params, cfg_info = cfg_triplets.train_cfg_triplets(config, workdir)
+    cfg_params = _host(cfg_params)
+
+    def cfg_fn(c, y, key, w):
+      fr = {**frozen, "hparams": {**frozen["hparams"], "guidance_scale": jnp.float32(w)}}
+      return plain(cfg_params, fr, c, y, key)
+
+    w, rows = tune("cfg_triplets", cfg_fn, cc.grids["cfg_triplets"])
+    evaluate("cfg_triplets", lambda c, y, key: cfg_fn(c, y, key, w), {
+        "weight": w, "tuning": rows, "unet_evals_per_sample": evals("ddim"),
+        "training_time_s": cfg_info.get("wall_time_s", 0.0),
+        "training_note": "fine-tuning on labelled (x, c, y) triplets"})
+  write_table(os.path.join(out_dir, "results.md"), results, ls.num_tasks > 1)
+  return results
+
+
+def write_table(path: str, results: dict, multitask: bool) -> str:
+  head = ["method", "y-acc" if not multitask else "joint acc", "macro-F1 (per task)",
+          "digit acc", "Fréchet", "UNet evals / sample", "s / 100 samples", "training s",
+          "weight"]
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, m in results.items():
+    f1 = " / ".join(f"{t['macro_f1']:.3f}" for t in m["tasks"].values())
+    rows.append("| " + " | ".join([
+        name, f"{m['joint_accuracy']:.3f}", f1, f"{m['digit_accuracy']:.3f}",
+        f"{m['frechet_distance']:.3f}", str(m["unet_evals_per_sample"]),
+        f"{m['wall_time_per_100_samples_s']:.2f}", f"{m.get('training_time_s', 0.0):.0f}",
+        f"{m['weight']:g}" if "weight" in m else "—"]) + " |")
+  text = "\n".join(rows) + "\n"
+  with open(path, "w") as f:
+    f.write(text)
+  print(text, flush=True)
+  return text

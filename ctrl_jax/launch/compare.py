@@ -1,0 +1,13 @@
+"""CTRL vs the baselines on the digits benchmark (ctrl_jax.compare): results.json, results.md
+and one image grid per method in DIR/compare/. Runs the missing stages first.
+
+  python -m ctrl_jax.launch.compare --config=configs/digits.py:ink --workdir=runs/digits
+  python -m ctrl_jax.launch.compare --config=configs/digits.py:multitask --workdir=runs/multi
+
+Methods already in DIR/compare/results.json are kept (rerun = resume).
+"""
+from ctrl_jax import compare
+from ctrl_jax.launch import common
+
+if __name__ == "__main__":
+  common.run(compare.run)
