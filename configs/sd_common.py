@@ -86,6 +86,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   e.seed = 1234                 # x_T / noise seed (shared by fine-tuned and pre-trained)
   e.batch_size = 16             # samples per sampling call
   e.grid_samples = 2            # samples per (prompt, class) in the PNG grid
+  e.clip_model = "openai/clip-vit-large-patch14"  # full CLIP (both towers) for the CLIP score
+                                #   of prompt vs image ("" = skip)
   return c
 
 
@@ -122,4 +124,5 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   e.samples_per_class = 2
   e.batch_size = 8
   e.grid_samples = 1
+  e.clip_model = "tiny"
   return c

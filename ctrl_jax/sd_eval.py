@@ -102,6 +102,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     y_true, raw = truth.labels(images[name])
     results[name] = score(y_true, prompt, y, ls, raw)
     results[name]["true_y"] = y_true.tolist()
+  if e.get("clip_model"):
+    from ctrl_jax.models import clip_score  # pylint: disable=g-import-not-at-top
+    folder = e.clip_model
+    if folder == "tiny":
+      folder = sd_pipeline._tiny_aesthetic_models(  # pylint: disable=protected-access
+          os.path.join(workdir, "tiny_aesthetic"), config.seed)[0]
+    scorer = clip_score.ClipScorer(folder)
+    names = [e.prompts[i] for i in prompt]
+    label = np.asarray(ls.encode(jnp.asarray(y)))
+    for name in results:
+      cs = scorer.score(images[name], names, tokenizer=sd.tokenizer)
+      results[name]["clip_score"] = float(cs.mean())
+      results[name]["clip_score_per_label"] = [float(cs[label == j].mean())
+                                               for j in range(ls.num_labels)]
   np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images["finetuned"],
                       images_pretrained=images["pretrained"], prompt=prompt, y=y,
                       prompts=np.asarray(list(e.prompts)))
@@ -114,17 +128,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              "samples_per_class": e.samples_per_class, "classifier": {
                  n: {kk: vv for kk, vv in v.items() if isinstance(vv, (int, float, list))}
                  for n, v in problem.info["classifier"]["tasks"].items()},
-             "eval_wall_time_s": time.time() - t0,
-             "not_measured": ["CLIP score (prompt vs image): not implemented yet"]}
+             "eval_wall_time_s": time.time() - t0}
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   lines = ["| model | " + " | ".join(f"{n} acc | {n} macro-F1" for n in ls.task_names) +
-           " | joint |", "|---" * (2 * ls.num_tasks + 2) + "|"]
+           " | joint | CLIP score |", "|---" * (2 * ls.num_tasks + 3) + "|"]
   for name in ("pretrained", "finetuned"):
     m = results[name]
     lines.append(f"| {name} | " + " | ".join(
         f"{m['tasks'][n]['accuracy']:.3f} | {m['tasks'][n]['macro_f1']:.3f}"
-        for n in ls.task_names) + f" | {m['joint_accuracy']:.3f} |")
+        for n in ls.task_names) + f" | {m['joint_accuracy']:.3f} | "
+        f"{m.get('clip_score', float('nan')):.2f} |")
   with open(os.path.join(out_dir, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines), flush=True)

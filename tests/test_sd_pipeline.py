@@ -71,6 +71,8 @@ def test_tiny_config_end_to_end(task, tmp_path, capsys):
     assert np.asarray(metrics[model]["cell_accuracy"]).shape == (len(config.eval.prompts),
                                                                  ls.num_labels)
   assert os.path.getsize(os.path.join(workdir, "eval", "grid.png")) > 100
+  for model in ("finetuned", "pretrained"):
+    assert 0.0 <= metrics[model]["clip_score"] <= 100.0
 
   out = str(tmp_path / "export")
   export.export(config, workdir, out)
