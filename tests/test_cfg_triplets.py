@@ -76,8 +76,9 @@ def test_label_indices_reproduce_sample_label_pairs():
 
 
 def test_cfg_config_defaults_overrides_and_typos():
-  config = digits_config.get_config("quick")
+  config = digits_config.get_config("ink")  # no overrides in the default variant
   assert cfg_triplets.cfg_config(config) == cfg_triplets.default_cfg_config()
+  assert cfg_triplets.cfg_config(digits_config.get_config("quick")).steps == 30
   config = tiny_config()
   cfg = cfg_triplets.cfg_config(config)
   assert cfg.steps == STEPS and cfg.p_uncond == 0.1 and cfg.p_uncond_c == 0.1

@@ -217,13 +217,14 @@ def test_compare_baselines_on_the_quick_run(quick_run):
                             "smc", "svdd")
   config.compare.samples_per_cell = 10
   config.compare.batch_size = 300
+  config.compare.smc_particles = 2
   results = compare.run(config, workdir)
   pre = results["pretrained"]["joint_accuracy"]
   for method in config.compare.methods[1:]:
     assert results[method]["joint_accuracy"] > pre, (method, results[method]["joint_accuracy"],
                                                      pre)
     assert os.path.exists(os.path.join(workdir, "compare", f"grid_{method}.png"))
-  assert results["smc"]["unet_evals_per_sample"] == 4 * 2 * 2 * 6  # K · (ε + VJP) · CFG · N
+  assert results["smc"]["unet_evals_per_sample"] == 2 * 2 * 2 * 6  # K · (ε + VJP) · CFG · N
   with open(os.path.join(workdir, "compare", "results.json")) as f:
     assert set(json.load(f)["methods"]) == set(config.compare.methods)
   assert os.path.getsize(os.path.join(workdir, "compare", "results.md")) > 200
