@@ -4,7 +4,6 @@ own PyTorch models (the reference no one here wrote), on tiny random models buil
 Every parameter is perturbed away from its init (norm scales ≠ 1, biases ≠ 0, LoRA up ≠ 0), so
 a swapped or untransposed tensor changes the outputs. Max-abs differences are printed (-s).
 """
-import json
 import os
 
 import jax
@@ -21,6 +20,7 @@ from flax import traverse_util  # noqa: E402
 
 from ctrl_jax import export  # noqa: E402
 from ctrl_jax.models import augmented  # noqa: E402
+from ctrl_jax.models import sd as sd_lib  # noqa: E402
 from ctrl_jax.models import convert  # noqa: E402
 from ctrl_jax.models import torch_client  # noqa: E402
 from ctrl_jax.models import unet as unet_lib  # noqa: E402
@@ -215,17 +215,7 @@ def test_text_encoder_export(tmp_path):
 
 
 def _write_tokenizer(folder):
-  os.makedirs(folder, exist_ok=True)
-  chars = "abcdefghijklmnopqrstuvwxyz"
-  tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump({t: i for i, t in enumerate(tokens)}, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n")
-  tok = transformers.CLIPTokenizer(os.path.join(folder, "vocab.json"),
-                                   os.path.join(folder, "merges.txt"), model_max_length=12)
-  tok.save_pretrained(folder)
-  return tok
+  return sd_lib.write_tiny_tokenizer(folder, max_length=12)
 
 
 def _torch_sd_folder(folder, seed=0):

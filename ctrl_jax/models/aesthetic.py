@@ -34,6 +34,7 @@ from flax import traverse_util
 
 import ctrl_jax.models  # noqa: F401  (installs the deprecation filter)
 from ctrl_jax import digits
+from ctrl_jax.models import convert
 from ctrl_jax.models import weights
 
 AESTHETIC_THRESHOLD = 5.7  # LAION score ≥ this → class 1 ("aesthetic").
@@ -170,58 +171,21 @@ class ClipVisionWithProjection(nn.Module):
 # text projection / logit scale of a full CLIPModel.
 _CLIP_IGNORED_KEYS = re.compile(
     r"(^|\.)position_ids$|^text_model\.|^text_projection\.|^logit_scale$")
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _CLIP_TORCH_FILES = ("model.safetensors", "model.safetensors.index.json",
                      "model.fp16.safetensors", "model.safetensors.index.fp16.json")
 _CLIP_FLAX_FILE = "flax_model.msgpack"
 
 
-def clip_vision_torch_key(flax_path: tuple[str, ...]) -> str:
-  """PyTorch key of a ClipVisionWithProjection param path, e.g. ("vision_model", "encoder",
-  "layers", "0", "self_attn", "q_proj", "kernel") → "vision_model.encoder.layers.0.self_attn.
-  q_proj.weight" (layer norm scale and embedding tables are "weight" too)."""
-  return ".".join(flax_path[:-1] + (_TORCH_LEAF.get(flax_path[-1], flax_path[-1]),))
-
-
 def clip_vision_from_torch(state_dict: Mapping[str, Any], abstract_params: Mapping[str, Any],
                            *, source: str = "state dict") -> dict:
   """PyTorch CLIPVisionModelWithProjection / CLIPModel state dict → ClipVisionWithProjection
-  params shaped like `abstract_params` (float32 numpy).
-
-  Layouts: Dense kernel [in, out] ← weight [out, in]; patch-embedding conv kernel
-  [kh, kw, in, out] ← weight [out, in, kh, kw]; everything else as is. `position_ids` buffers
-  and a CLIPModel's text tower are ignored; every other tensor must be used.
-  Raises ValueError naming missing, mis-shaped and unused tensors.
-  """
-  remaining = {k: v for k, v in state_dict.items() if not _CLIP_IGNORED_KEYS.search(k)}
-  flat, missing, mismatched = {}, [], []
-  for path, leaf in traverse_util.flatten_dict(dict(abstract_params)).items():
-    key = clip_vision_torch_key(path)
-    if key not in remaining:
-      missing.append(key)
-      continue
-    value = np.asarray(remaining.pop(key), np.float32)
-    if path[-1] == "kernel" and value.ndim == 4:
-      value = np.transpose(value, (2, 3, 1, 0))
-    elif path[-1] == "kernel" and value.ndim == 2:
-      value = value.T
-    if value.shape != tuple(leaf.shape):
-      mismatched.append(f"{key}: {value.shape} (Flax layout) vs {tuple(leaf.shape)}")
-      continue
-    flat[path] = value
-  problems = []
-  if missing:
-    problems.append(f"missing {len(missing)} tensors, e.g. {missing[:5]}")
-  if mismatched:
-    problems.append(f"{len(mismatched)} shape mismatches, e.g. {mismatched[:5]}")
-  if remaining:
-    problems.append(f"{len(remaining)} unused tensors, e.g. {sorted(remaining)[:5]}")
-  if problems:
-    raise ValueError(
-        f"CLIP vision weights from {source} do not match the config: " + "; ".join(problems)
-        + ". Expected a CLIPVisionModelWithProjection or CLIPModel checkpoint (a plain "
-        "CLIPVisionModel has no visual_projection).")
-  return traverse_util.unflatten_dict(flat)
+  params shaped like `abstract_params`, by the project's one name mapping (`convert`); a
+  CLIPModel's text tower is ignored, every other tensor must be used."""
+  return convert.from_torch_state_dict(
+      state_dict, abstract_params, "clip_vision", source=source,
+      ignore=_CLIP_IGNORED_KEYS.pattern,
+      hint="Expected a CLIPVisionModelWithProjection or CLIPModel checkpoint (a plain "
+           "CLIPVisionModel has no visual_projection).")
 
 
 def _clip_vision_config(folder: str):

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder", "clip_vision")
 
 # Flax module names "<name>_<i>" that are PyTorch ModuleList / Sequential children "<name>.<i>".
 _NUMBERED = ("down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks",
@@ -106,22 +106,26 @@ def _legacy_aliases(key: str, component: str) -> list[str]:
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], abstract_params: Mapping[str, Any],
                           component: str, *, source: str = "state dict",
-                          dtype: Any = np.float32) -> dict:
+                          dtype: Any = np.float32, ignore: str | None = None,
+                          hint: str = "Is the config.json from the same model?") -> dict:
   """PyTorch state dict → Flax params shaped like `abstract_params`.
 
   Args:
     state_dict: {key: array} (numpy, jax or torch-free arrays from safetensors).
     abstract_params: the Flax tree to fill (arrays or `jax.ShapeDtypeStruct`s, e.g. from
       `jax.eval_shape(module.init_weights, key)`).
-    component: "unet", "vae" or "text_encoder".
+    component: one of COMPONENTS.
     source: named in error messages (e.g. the file path).
+    ignore: regex of PyTorch keys that are not ours to load (e.g. the other tower of a CLIP).
+    hint: appended to the error message.
   Returns:
     Nested dict of numpy arrays of `dtype`.
   Raises:
     ValueError naming every missing key, shape mismatch and unused PyTorch tensor.
   """
   _check_component(component)
-  remaining = {k: v for k, v in state_dict.items() if not _IGNORED_TORCH_KEYS.search(k)}
+  remaining = {k: v for k, v in state_dict.items() if not _IGNORED_TORCH_KEYS.search(k)
+               and not (ignore and re.search(ignore, k))}
   flat, missing, mismatched = {}, [], []
   for path, leaf in traverse_util.flatten_dict(dict(abstract_params)).items():
     key = torch_key(path, component)
@@ -144,5 +148,5 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], abstract_params: Mappin
     problems.append(f"{len(remaining)} unused tensors, e.g. {sorted(remaining)[:5]}")
   if problems:
     raise ValueError(f"{component} weights from {source} do not match the model config: "
-                     + "; ".join(problems) + ". Is the config.json from the same model?")
+                     + "; ".join(problems) + ". " + hint)
   return traverse_util.unflatten_dict(flat)
