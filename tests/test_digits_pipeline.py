@@ -68,7 +68,7 @@ def test_finetuned_beats_pretrained_on_the_asked_class(quick_run):
   _, _, metrics = quick_run
   fine = metrics["finetuned"]["tasks"]["ink3"]["accuracy"]
   pre = metrics["pretrained"]["tasks"]["ink3"]["accuracy"]
-  assert fine > pre + 0.03, (fine, pre)  # measured: 0.408 vs 0.338 (1 device)
+  assert fine > pre + 0.03, (fine, pre)  # measured: 0.475 vs 0.338 (1 device, full back-prop)
 
 
 def test_stages_are_reused_and_a_changed_stage_config_is_refused(quick_run, capsys):
