@@ -64,6 +64,9 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.reference_grad = False      # differentiate through the reference model's input too (the
                                 #   official code does; here it made an update 1.5× slower)
   c.lora_rank = 4               # LoRA rank on attention q/k/v/out (0 = label embedding only)
+  c.full_finetune = False       # also train a copy of the whole UNet (lr_unet); the reference
+                                #   model stays the frozen pre-trained UNet
+  c.lr_unet = 1e-4              # AdamW lr of the UNet copy (full_finetune only)
   c.lr_lora = 3e-3              # AdamW lr of LoRA
   c.lr_label_embedding = 1e-2   # AdamW lr of the label table
   c.weight_decay = 0.0          # AdamW decoupled weight decay
@@ -99,6 +102,11 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   m.smc_particles = 4           # TDS particles per sample (K)
   m.svdd_candidates = 4         # SVDD candidates per step (M)
   m.noisy_classifier_steps = 2000  # classifier guidance: Adam steps of p(y | x_t, t)
+  s = c.studies = ml_collections.ConfigDict()  # ctrl_jax.studies (python -m ctrl_jax.launch.study)
+  s.num_labels = (50, 100, 300, 1000)  # "labels": CTRL vs CFG on triplets per label budget
+  s.gammas = (0.3, 1.0, 3.0)    # "gamma": reward weights γ (kl_weight fixed)
+  s.lora_ranks = (1, 4, 16)     # "lora": LoRA ranks …
+  s.full_finetune = True        #   … and full fine-tuning of the UNet (lr_unet, no LoRA)
   b = c.baselines = ml_collections.ConfigDict()
   b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of
                                 #   ctrl_jax.cfg_triplets.default_cfg_config() (1000 steps, …)
@@ -133,6 +141,9 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     m.noisy_classifier_steps = 100
     b.cfg.steps = 30
     b.cfg.checkpoint_every = 30
+    s.num_labels = (50, 300)
+    s.gammas = (1.0, 3.0)
+    s.lora_ranks = (4,)
   else:
     raise ValueError(f"unknown variant {variant!r} of configs/digits.py; expected "
                      "'ink', 'multitask' or 'quick'.")

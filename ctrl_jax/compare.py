@@ -121,64 +121,108 @@ def _save_grid(path: str, images: np.ndarray, c: np.ndarray, label: np.ndarray, 
   Image.fromarray((np.clip(big, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the comparison (missing stages first: pre-training, classifier, CTRL)."""
-  if config.problem != "digits":
-    raise ValueError(f"config.problem={config.problem!r}: the comparison runs on 'digits'.")
-  cc = compare_config(config)
-  out_dir = os.path.join(workdir, "compare")
-  os.makedirs(out_dir, exist_ok=True)
-  problem = digits_pipeline.build_problem(config, workdir)
-  setup, ls = problem.setup, problem.setup.label_space
-  frozen = _host({**problem.frozen, "hparams": experiment.hparams_of(config)})
-  splits = digits.load_splits()
-  rule = digits.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
-  judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
-  held = judge.features(splits["x_heldout"])
-  c_eval, y_eval = digits_eval.eval_requests(ls, cc.samples_per_cell)
-  c_tune, y_tune = digits_eval.eval_requests(ls, cc.tune_samples_per_cell)
-  n_steps = len(setup.timesteps)
-  plain = digits_eval.make_sampler(setup)
-  results: dict[str, Any] = {}
-  path = os.path.join(out_dir, "results.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      results = json.load(f).get("methods", {})
+class Bench:
+  """The comparison's fixed evaluation: the same requests, digit judge and scoring for every
+  method (and every study variant, ctrl_jax.studies), a tuning set with another seed, one image
+  grid per method, results kept in `path` (a rerun skips what is there).
 
-  def evaluate(name, fn, extra):
+  Methods are `fn(c [B], y [B, T], key) -> images [B, 8, 8]`.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, problem, out_dir: str,
+               results_file: str = "results.json"):
+    self.config, self.cc = config, compare_config(config)
+    self.out_dir = out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    self.setup, self.ls = problem.setup, problem.setup.label_space
+    self.frozen = _host({**problem.frozen, "hparams": experiment.hparams_of(config)})
+    splits = digits.load_splits()
+    self.splits = splits
+    self.rule = digits.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
+    self.judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
+    self.held = self.judge.features(splits["x_heldout"])
+    self.c_eval, self.y_eval = digits_eval.eval_requests(self.ls, self.cc.samples_per_cell)
+    self.c_tune, self.y_tune = digits_eval.eval_requests(self.ls, self.cc.tune_samples_per_cell)
+    self.plain = digits_eval.make_sampler(self.setup)
+    self.path = os.path.join(out_dir, results_file)
+    self.results: dict[str, Any] = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.results = json.load(f).get("methods", {})
+
+  def sampler(self, params, frozen=None) -> Callable:
+    """The plain DDIM(+CFG) sampler of trainable `params` (CTRL's or CFG-on-triplets')."""
+    params = _host(params)
+    frozen = self.frozen if frozen is None else frozen
+    return lambda c, y, k: self.plain(params, frozen, c, y, k)
+
+  def evaluate(self, name: str, fn: Callable, extra: dict) -> dict:
+    """Samples the evaluation requests with `fn`, scores them, saves the grid and results."""
+    cc = self.cc
     # Warm-up call first, so the timing excludes compilation.
-    jax.block_until_ready(fn(jnp.asarray(c_eval[:cc.batch_size]),
-                             jnp.asarray(y_eval[:cc.batch_size]), jax.random.key(0)))
+    jax.block_until_ready(fn(jnp.asarray(self.c_eval[:cc.batch_size]),
+                             jnp.asarray(self.y_eval[:cc.batch_size]), jax.random.key(0)))
     t0 = time.time()
-    imgs = _sample_chunks(fn, c_eval, y_eval, cc.seed, cc.batch_size, name)
+    imgs = _sample_chunks(fn, self.c_eval, self.y_eval, cc.seed, cc.batch_size, name)
     wall = time.time() - t0
-    m = digits_eval.score(imgs, c_eval, y_eval, rule, judge, held, ls)
-    m.update(extra, wall_time_per_100_samples_s=100 * wall / len(c_eval))
-    label = np.asarray(ls.encode(jnp.asarray(y_eval)))
-    _save_grid(os.path.join(out_dir, f"grid_{name}.png"), imgs, c_eval, label, ls.num_labels)
-    results[name] = m
-    with open(path, "w") as f:
-      json.dump({"methods": results, "config": cc.to_dict(), "task": config.task}, f, indent=2)
+    m = digits_eval.score(imgs, self.c_eval, self.y_eval, self.rule, self.judge, self.held,
+                          self.ls)
+    m.update(extra, wall_time_per_100_samples_s=100 * wall / len(self.c_eval))
+    label = np.asarray(self.ls.encode(jnp.asarray(self.y_eval)))
+    _save_grid(os.path.join(self.out_dir, f"grid_{name}.png"), imgs, self.c_eval, label,
+               self.ls.num_labels)
+    self.results[name] = m
+    with open(self.path, "w") as f:
+      json.dump({"methods": self.results, "config": cc.to_dict(), "task": self.config.task},
+                f, indent=2)
     print(f"[compare] {name}: y-acc {m['joint_accuracy']:.3f} digit acc "
           f"{m['digit_accuracy']:.3f} FD {m['frechet_distance']:.3f}", flush=True)
+    return m
 
-  def tune(name, fn_of_weight, grid):
-    pre_digit = results["pretrained"]["digit_accuracy"]
+  def tune(self, name: str, fn_of_weight: Callable, grid) -> tuple[float, list]:
+    """The grid weight with the best tuning-set accuracy among those keeping digit accuracy
+    within `digit_drop_limit` of the pre-trained model's (all of them if none does)."""
+    cc = self.cc
+    pre_digit = self.results["pretrained"]["digit_accuracy"]
     rows = []
     for w in grid:
-      imgs = _sample_chunks(lambda c, y, k: fn_of_weight(c, y, k, w), c_tune, y_tune,
+      imgs = _sample_chunks(lambda c, y, k: fn_of_weight(c, y, k, w), self.c_tune, self.y_tune,
                             cc.seed + 1, cc.batch_size, f"{name}@{w:g}")
-      m = digits_eval.score(imgs, c_tune, y_tune, rule, judge, held, ls)
+      m = digits_eval.score(imgs, self.c_tune, self.y_tune, self.rule, self.judge, self.held,
+                            self.ls)
       rows.append({"weight": float(w), "joint_accuracy": m["joint_accuracy"],
                    "digit_accuracy": m["digit_accuracy"]})
     ok = [r for r in rows if r["digit_accuracy"] >= pre_digit - cc.digit_drop_limit] or rows
     best = max(ok, key=lambda r: r["joint_accuracy"])
     return best["weight"], rows
 
-  pre_params = _host(problem.params)
+  def cfg_fn(self, cfg_params) -> Callable:
+    """`fn(c, y, key, w)`: the CFG-on-triplets model sampled at guidance scale w."""
+    cfg_params = _host(cfg_params)
+
+    def fn(c, y, key, w):
+      fr = {**self.frozen, "hparams": {**self.frozen["hparams"], "guidance_scale": jnp.float32(w)}}
+      return self.plain(cfg_params, fr, c, y, key)
+
+    return fn
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the comparison (missing stages first: pre-training, classifier, CTRL)."""
+  if config.problem != "digits":
+    raise ValueError(f"config.problem={config.problem!r}: the comparison runs on 'digits'.")
+  cc = compare_config(config)
+  out_dir = os.path.join(workdir, "compare")
+  problem = digits_pipeline.build_problem(config, workdir)
+  bench = Bench(config, problem, out_dir)
+  setup, ls, frozen, results = bench.setup, bench.ls, bench.frozen, bench.results
+  splits, rule = bench.splits, bench.rule
+  n_steps = len(setup.timesteps)
+  evaluate, tune = bench.evaluate, bench.tune
+
   evals = lambda method, **kw: baselines.unet_evals_per_sample(method, n_steps, **kw)  # noqa: E731
   if "pretrained" not in results:
-    evaluate("pretrained", lambda c, y, k: plain(pre_params, frozen, c, y, k),
+    evaluate("pretrained", bench.sampler(problem.params),
              {"unet_evals_per_sample": evals("ddim"), "training_time_s": 0.0})
   if "ctrl" in cc.methods and "ctrl" not in results:
     try:
@@ -189,8 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       ctrl_params = experiment.finetune(config, workdir, problem)["params"]
     with open(os.path.join(workdir, "finetune", "info.json")) as f:
       info = json.load(f)
-    ctrl_params = _host(ctrl_params)
-    evaluate("ctrl", lambda c, y, k: plain(ctrl_params, frozen, c, y, k),
+    evaluate("ctrl", bench.sampler(ctrl_params),
              {"unet_evals_per_sample": evals("ddim"), "training_time_s": info["wall_time_s"],
               "training_note": "CTRL fine-tuning wall time (last invocation that trained)"})
   noisy_params, noisy_fn, noisy_time = None, None, 0.0
@@ -222,12 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if "cfg_triplets" in cc.methods and "cfg_triplets" not in results:
     from ctrl_jax import cfg_triplets  # pylint: disable=g-import-not-at-top
     cfg_params, cfg_info = cfg_triplets.train_cfg_triplets(config, workdir)
-    cfg_params = _host(cfg_params)
-
-    def cfg_fn(c, y, key, w):
-      fr = {**frozen, "hparams": {**frozen["hparams"], "guidance_scale": jnp.float32(w)}}
-      return plain(cfg_params, fr, c, y, key)
-
+    cfg_fn = bench.cfg_fn(cfg_params)
     w, rows = tune("cfg_triplets", cfg_fn, cc.grids["cfg_triplets"])
     evaluate("cfg_triplets", lambda c, y, key: cfg_fn(c, y, key, w), {
         "weight": w, "tuning": rows, "unet_evals_per_sample": evals("ddim"),

@@ -185,7 +185,8 @@ def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment
   frozen = {"unet": pre["unet"], "reward": list(cls_params), "decoder": None,
             "contexts": ctx, "uncond_context": null_ctx,
             "schedule": digits_model.make_schedule(config.pretrain)}
-  params = train.init_trainable(setup, jax.random.key(config.seed), pre["unet"])
+  params = train.init_trainable(setup, jax.random.key(config.seed), pre["unet"],
+                                full_finetune=config.get("full_finetune", False))
   return experiment.Problem(setup=setup, frozen=frozen, params=params,
                             num_prompts=digits_model.NUM_DIGITS,
                             info={"pretrain": pre_info, "classifier": cls_info})

@@ -155,13 +155,26 @@ def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
 
 
+def step_memory(step_fn, *args) -> dict[str, int]:
+  """XLA's memory plan of the compiled train step (bytes; per device): arguments (params,
+  optimiser state, frozen inputs), outputs, and temporaries (activations kept for the
+  backward pass, gradients). A compilation-cache hit when the step already ran."""
+  m = step_fn.lower(*args).compile().memory_analysis()
+  return {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+          "temp": int(m.temp_size_in_bytes),
+          "peak_estimate": int(m.argument_size_in_bytes + m.output_size_in_bytes
+                               + m.temp_size_in_bytes - m.alias_size_in_bytes)}
+
+
 def finetune(config: ml_collections.ConfigDict, workdir: str,
-             problem: Problem | None = None) -> dict[str, Any]:
+             problem: Problem | None = None, measure_memory: bool = False) -> dict[str, Any]:
   """Runs (or resumes) CTRL fine-tuning; returns the final params and run info.
 
   Writes `workdir/finetune/ckpt/<step>` (orbax; state = {"step", "params", "opt"}),
   `workdir/finetune.jsonl` and TensorBoard events in `workdir/tb/finetune` (see `loop.run`),
-  and `workdir/finetune/info.json` (wall time of this invocation's training) at the end.
+  and `workdir/finetune/info.json` at the end: wall time of this invocation's training,
+  steady-state seconds per update, trainable parameter count, and (measure_memory) XLA's
+  memory plan of the train step (`step_memory`).
   """
   mesh = shd.make_mesh()
   validate_config(config, mesh)
@@ -185,16 +198,36 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     return jax.device_put(sample_requests(config.seed, step, setup.label_space,
                                           problem.num_prompts, num_micro, micro), batch_sharding)
 
+  calls = []  # host time after each call: the first includes compilation
+
+  def timed_step(s, b):
+    out = step_fn(s, b, key, frozen)
+    calls.append(time.time())
+    return out
+
   state, history, start = loop.run(
-      "finetune", workdir, state, lambda s, b: step_fn(s, b, key, frozen), batch_fn,
+      "finetune", workdir, state, timed_step, batch_fn,
       config.num_updates, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
       max_checkpoints=config.get("max_checkpoints", 3), shown=("loss", "reward", "kl"))
-  info = {"wall_time_s": time.time() - t_start, "start_step": start,
-          "num_updates": config.num_updates}
+  t_end = time.time()
+  info = {"wall_time_s": t_end - t_start, "start_step": start,
+          "num_updates": config.num_updates,
+          # steady-state seconds per update (first update, which compiles, excluded)
+          "seconds_per_update": ((t_end - calls[0]) / (len(calls) - 1)
+                                 if len(calls) > 1 else None),
+          "trainable_params": int(sum(np.size(v) for v in
+                                      jax.tree_util.tree_leaves(problem.params)))}
+  if measure_memory:
+    info["step_memory_bytes"] = step_memory(step_fn, state, batch_fn(0), key, frozen)
   info_path = os.path.join(workdir, "finetune", "info.json")
-  if start < config.num_updates or not os.path.exists(info_path):  # keep a training run's time
-    with open(info_path, "w") as f:
-      json.dump(info, f, indent=2)
+  if start == config.num_updates and os.path.exists(info_path):
+    # Nothing trained: keep the training run's timings, add what this call measured.
+    with open(info_path) as f:
+      kept = json.load(f)
+    info = {**info, **kept, **{k: info[k] for k in ("trainable_params", "step_memory_bytes")
+                               if k in info}}
+  with open(info_path, "w") as f:
+    json.dump(info, f, indent=2)
   return {"params": state["params"], "state": state, "history": history,
           "wall_time_s": info["wall_time_s"], "start_step": start}
 

@@ -135,7 +135,7 @@ def write_tiny_sd(folder: str, seed: int = 0) -> str:
   weights.save_torch_component(os.path.join(folder, "unet"), "unet", cfg,
                                jax.tree_util.tree_map(np.asarray, unet_params))
   vae = FlaxAutoencoderKL(**TINY_VAE)
-  vae_params = jax.jit(vae.init_weights)(jax.random.fold_in(key, 1))
+  vae_params = unet_lib.jit_init(vae.init_weights)(jax.random.fold_in(key, 1))
   te = FlaxCLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT), seed=seed + 2)
   tok_dir = os.path.join(folder, "_tokenizer_src")
   write_tiny_tokenizer(tok_dir, TINY_CLIP_TEXT["max_position_embeddings"])

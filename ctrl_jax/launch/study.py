@@ -1,0 +1,19 @@
+"""Sample efficiency and the paper's open questions on the digits benchmark (ctrl_jax.studies):
+results.json, results.md, a plot and one image grid per variant in DIR/studies/<study>/.
+
+  python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=labels
+  python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=gamma
+  python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=lora
+
+Variants already in results.json are kept, and each variant's training resumes (rerun = resume).
+"""
+from absl import flags
+
+from ctrl_jax import studies
+from ctrl_jax.launch import common
+
+_STUDY = flags.DEFINE_enum("study", None, list(studies.STUDIES), "Which study to run.")
+flags.mark_flag_as_required("study")
+
+if __name__ == "__main__":
+  common.run(lambda config, workdir: studies.run(config, workdir, _STUDY.value))

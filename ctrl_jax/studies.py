@@ -1,0 +1,242 @@
+"""Studies on the digits benchmark: sample efficiency and the paper's open questions.
+
+  python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=DIR --study=labels
+
+Studies (config.studies, documented in configs/digits.py):
+  labels  sample efficiency: CTRL vs classifier-free guidance on (x, c, y) triplets with
+          num_labels labelled pairs each (CTRL's classifier sees (x, y) only; CFG needs c too).
+  gamma   the reward weight γ at a fixed KL weight: the accuracy vs sample-quality frontier.
+  lora    LoRA rank on the attention projections vs full fine-tuning of the UNet: accuracy,
+          seconds per update, trainable parameters and XLA's memory plan of the train step.
+Every variant shares DIR's pre-trained model (and DIR's classifier when its classifier config is
+DIR's), trains in DIR/studies/<study>/<variant>/ (resumable like any run) and is scored by the
+comparison's fixed evaluation (ctrl_jax.compare.Bench: same requests, judge and seeds as
+`ctrl_jax.launch.compare`). A variant equal to DIR's own config is DIR's own CTRL run.
+Outputs: DIR/studies/<study>/results.json, results.md, <study>.png and one grid per variant.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from ctrl_jax import compare
+from ctrl_jax import digits_pipeline
+from ctrl_jax import experiment
+
+STUDIES = ("labels", "gamma", "lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str             # results key and grid name
+  overrides: tuple      # ((dotted config field, value), ...)
+  method: str = "ctrl"  # "ctrl" or "cfg_triplets"
+  x: Any = None         # the studied value (plots)
+
+
+def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
+  s = config.studies
+  if study == "labels":
+    out = []
+    for n in s.num_labels:
+      out.append(Variant(f"ctrl_n{n}", (("classifier.num_labels", int(n)),), "ctrl", int(n)))
+      out.append(Variant(f"cfg_triplets_n{n}", (("classifier.num_labels", int(n)),),
+                         "cfg_triplets", int(n)))
+    return out
+  if study == "gamma":
+    return [Variant(f"ctrl_gamma{g:g}", (("gamma", float(g)),), "ctrl", float(g))
+            for g in s.gammas]
+  if study == "lora":
+    out = [Variant(f"ctrl_rank{r}", (("lora_rank", int(r)), ("full_finetune", False)), "ctrl",
+                   f"rank {r}") for r in s.lora_ranks]
+    if s.full_finetune:
+      out.append(Variant("ctrl_full", (("lora_rank", 0), ("full_finetune", True)), "ctrl",
+                         "full"))
+    return out
+  raise ValueError(f"--study={study!r}; expected one of {STUDIES}.")
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def variant_config(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    for dotted, value in overrides:
+      *parents, leaf = dotted.split(".")
+      node = out
+      for part in parents:
+        node = node[part]
+      if leaf not in node:
+        raise ValueError(f"study override {dotted}: the config has no such field.")
+      node[leaf] = value
+  return out
+
+
+def is_base(config: ml_collections.ConfigDict, overrides) -> bool:
+  """True when the overrides leave the config as it is (the variant is DIR's own run)."""
+  return all(_get(config, k) == v for k, v in overrides)
+
+
+def variant_workdir(workdir: str, study: str, variant: Variant,
+                    config: ml_collections.ConfigDict) -> str:
+  """DIR for the base variant, else DIR/studies/<study>/<variant> sharing DIR's stages."""
+  if is_base(config, variant.overrides):
+    return workdir
+  vdir = os.path.join(workdir, "studies", study, variant.name)
+  os.makedirs(vdir, exist_ok=True)
+  vconfig = variant_config(config, variant.overrides)
+  shared = ["pretrain"]
+  if vconfig.classifier.to_dict() == config.classifier.to_dict() and vconfig.task == config.task:
+    shared.append("classifier")
+  for stage in shared:
+    link = os.path.join(vdir, stage)
+    if not os.path.lexists(link):
+      os.symlink(os.path.abspath(os.path.join(workdir, stage)), link)
+  return vdir
+
+
+def _ctrl(bench: compare.Bench, vconfig, vdir: str) -> tuple[Any, dict]:
+  problem = digits_pipeline.build_problem(vconfig, vdir)
+  info_path = os.path.join(vdir, "finetune", "info.json")
+  try:
+    params, step = experiment.load_finetuned(vconfig, vdir, problem)
+  except FileNotFoundError:
+    step = 0
+  info = {}
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+  if step < vconfig.num_updates or "step_memory_bytes" not in info:
+    params = experiment.finetune(vconfig, vdir, problem, measure_memory=True)["params"]
+    with open(info_path) as f:
+      info = json.load(f)
+  extra = {"training_time_s": info["wall_time_s"],
+           "seconds_per_update": info.get("seconds_per_update"),
+           "trainable_params": info.get("trainable_params"),
+           "step_memory_bytes": info.get("step_memory_bytes"),
+           "classifier": problem.info["classifier"].get("metrics")}
+  return bench.sampler(params), extra
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str, Any]:
+  """Runs (or resumes) one study; returns its results {variant: metrics}."""
+  if config.problem != "digits":
+    raise ValueError(f"config.problem={config.problem!r}: the studies run on 'digits'.")
+  vs = variants(config, study)
+  out_dir = os.path.join(workdir, "studies", study)
+  problem = digits_pipeline.build_problem(config, workdir)  # DIR's stages first (shared)
+  bench = compare.Bench(config, problem, out_dir)
+  if "pretrained" not in bench.results:
+    bench.evaluate("pretrained", bench.sampler(problem.params), {"training_time_s": 0.0})
+  for v in vs:
+    if v.name in bench.results:
+      continue
+    vconfig = variant_config(config, v.overrides)
+    if v.method == "ctrl":
+      fn, extra = _ctrl(bench, vconfig, variant_workdir(workdir, study, v, config))
+    elif v.method == "cfg_triplets":
+      from ctrl_jax import cfg_triplets  # pylint: disable=g-import-not-at-top
+      n = vconfig.classifier.num_labels
+      cfg_params, cfg_info = cfg_triplets.train_cfg_triplets(
+          config, workdir, num_labels=None if n == config.classifier.num_labels else n)
+      cfg_fn = bench.cfg_fn(cfg_params)
+      w, rows = bench.tune(v.name, cfg_fn, bench.cc.grids["cfg_triplets"])
+      fn = lambda c, y, key, cfg_fn=cfg_fn, w=w: cfg_fn(c, y, key, w)  # noqa: E731
+      extra = {"weight": w, "tuning": rows, "training_time_s": cfg_info.get("wall_time_s", 0.0)}
+    else:
+      raise ValueError(f"variant {v.name}: unknown method {v.method!r}.")
+    bench.evaluate(v.name, fn, {**extra, "study_value": v.x, "method": v.method,
+                                "overrides": [list(o) for o in v.overrides]})
+  results = {v.name: bench.results[v.name] for v in vs}
+  results["pretrained"] = bench.results["pretrained"]
+  write_table(os.path.join(out_dir, "results.md"), study, vs, results)
+  plot(os.path.join(out_dir, f"{study}.png"), study, vs, results, config.task)
+  return results
+
+
+def _mib(m: dict) -> str:
+  mem = m.get("step_memory_bytes")
+  return f"{mem['peak_estimate'] / 2**20:.1f}" if mem else "—"
+
+
+def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
+  head = ["variant", "method", "value", "y-acc", "digit acc", "Fréchet", "training s",
+          "s / update", "trainable params", "step memory MiB"]
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  pre = results["pretrained"]
+  rows.append(f"| pretrained | — | — | {pre['joint_accuracy']:.3f} | "
+              f"{pre['digit_accuracy']:.3f} | {pre['frechet_distance']:.3f} | 0 | — | 0 | — |")
+  for v in vs:
+    m = results[v.name]
+    spu = m.get("seconds_per_update")
+    rows.append("| " + " | ".join([
+        v.name, v.method, str(v.x), f"{m['joint_accuracy']:.3f}", f"{m['digit_accuracy']:.3f}",
+        f"{m['frechet_distance']:.3f}", f"{m.get('training_time_s', 0.0):.0f}",
+        f"{spu:.2f}" if spu else "—", str(m.get("trainable_params") or "—"), _mib(m)]) + " |")
+  text = "\n".join(rows) + "\n"
+  with open(path, "w") as f:
+    f.write(text)
+  print(f"[study/{study}]\n{text}", flush=True)
+  return text
+
+
+def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = "") -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  pre = results["pretrained"]
+  if study == "labels":
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method, style in (("ctrl", "o-"), ("cfg_triplets", "s--")):
+      pts = sorted((v.x, results[v.name]) for v in vs if v.method == method)
+      xs = [p[0] for p in pts]
+      axes[0].plot(xs, [p[1]["joint_accuracy"] for p in pts], style, label=method)
+      axes[1].plot(xs, [p[1]["digit_accuracy"] for p in pts], style, label=method)
+    for ax, key, name in ((axes[0], "joint_accuracy", "y accuracy"),
+                          (axes[1], "digit_accuracy", "digit accuracy")):
+      ax.axhline(pre[key], color="grey", ls=":", label="pre-trained")
+      ax.set_xscale("log")
+      ax.set_xlabel("labelled pairs (num_labels)")
+      ax.set_ylabel(name)
+      ax.legend(fontsize=8)
+  elif study == "gamma":
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, name in ((axes[0], "frechet_distance", "Fréchet distance (lower is better)"),
+                          (axes[1], "digit_accuracy", "digit accuracy")):
+      xs = [results[v.name][key] for v in vs]
+      ys = [results[v.name]["joint_accuracy"] for v in vs]
+      ax.plot(xs, ys, "o-")
+      for v, x, y in zip(vs, xs, ys):
+        ax.annotate(f"γ={v.x:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+      ax.plot([pre[key]], [pre["joint_accuracy"]], "kx", label="pre-trained")
+      ax.set_xlabel(name)
+      ax.set_ylabel("y accuracy")
+      ax.legend(fontsize=8)
+  elif study == "lora":
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+    names = [str(v.x) for v in vs]
+    mem = [(results[v.name].get("step_memory_bytes") or {}).get("peak_estimate", 0) / 2**20
+           for v in vs]
+    for ax, vals, name in (
+        (axes[0], [results[v.name]["joint_accuracy"] for v in vs], "y accuracy"),
+        (axes[1], [results[v.name]["digit_accuracy"] for v in vs], "digit accuracy"),
+        (axes[2], [results[v.name].get("seconds_per_update") or 0 for v in vs], "s / update"),
+        (axes[3], mem, "train-step memory (MiB, XLA plan)")):
+      ax.bar(names, vals)
+      ax.set_title(name, fontsize=9)
+  else:
+    raise ValueError(study)
+  fig.suptitle(f"digits {task} — study: {study}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
