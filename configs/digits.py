@@ -16,7 +16,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.problem = "digits"          # problem builder (ctrl_jax.experiment.PROBLEM_BUILDERS)
   c.variant = variant           # recorded in the outputs
-  c.task = "ink"                # "ink" (ink3) or "multitask" (ink2 × edge2)
+  c.task = "ink"                # "ink" (ink3), "multitask" (ink2 × edge2), or "inkc" (ink above
+                                #   the median of the image's own digit: y depends on c; studies)
   c.seed = 0                    # CTRL seed (requests, noise, LoRA init)
 
   # Stage 1: the pre-trained p(x | c) (ctrl_jax.digits_model).
@@ -47,6 +48,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   k.steps = 1000                # Adam steps (full batch)
   k.lr = 1e-2                   # Adam lr
   k.calib_fraction = 0.2        # pairs held back for temperature calibration
+  k.use_digit = False           # p̂(y | x, c): the classifier also sees the digit (CTRL passes the
+                                #   asked one); only the "dependent" study sets it
 
   # Stage 3: CTRL (ctrl_jax.experiment.finetune).
   c.num_inference_steps = 10    # DDIM steps per trajectory (training and evaluation)
@@ -107,6 +110,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   s.gammas = (0.3, 1.0, 3.0)    # "gamma": reward weights γ (kl_weight fixed)
   s.lora_ranks = (1, 4, 16)     # "lora": LoRA ranks …
   s.full_finetune = True        #   … and full fine-tuning of the UNet (lr_unet, no LoRA)
+                                # "dependent": task inkc, reward p̂(y | x) vs p̂(y | x, c)
   b = c.baselines = ml_collections.ConfigDict()
   b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of
                                 #   ctrl_jax.cfg_triplets.default_cfg_config() (1000 steps, …)

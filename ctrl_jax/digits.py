@@ -24,7 +24,11 @@ import sklearn.svm
 
 NUM_TRAIN = 1200
 EDGE_EPS = 1e-6  # edge(x) denominator Σx + EDGE_EPS: finite on blank / generated images.
-TASKS = ("ink", "multitask")
+TASKS = ("ink", "multitask", "inkc")
+# Tasks whose edges are per digit class: y depends on (x, c), so y ⟂ c | x fails (the open
+# question (c) of CTRL_METHOD.md §10; ctrl_jax.studies "dependent").
+PER_DIGIT_TASKS = ("inkc",)
+NUM_DIGITS = 10
 
 
 def load_splits() -> dict:
@@ -65,6 +69,8 @@ _FEATURES = {"ink": ink, "edge": edge}
 _TASK_SPECS = {
     "ink": (("ink3", "ink", (1 / 3, 2 / 3)),),
     "multitask": (("ink2", "ink", (0.5,)), ("edge2", "edge", (0.5,))),
+    # inkc2: ink above the median ink *of the image's own digit class* (train split).
+    "inkc": (("inkc2", "ink", (0.5,)),),
 }
 
 
@@ -89,10 +95,15 @@ class LabelRule:
   """True labels y of a task: each task's feature binned by edges fixed on the train split.
 
   Class of a value v = #{edges e : v > e}, i.e. class 0 iff v ≤ e_0 (ties go to the lower
-  class, as in the task definition).
+  class, as in the task definition). For a per-digit task (PER_DIGIT_TASKS) the edges are per
+  digit class: edges[t][c] = the increasing edges of digit c, and `labels` needs c.
   """
   task: str
-  edges: tuple[tuple[float, ...], ...]  # per task name, increasing
+  edges: tuple  # per task name: increasing edges (per digit class: one such tuple per digit)
+
+  @property
+  def per_digit(self) -> bool:
+    return self.task in PER_DIGIT_TASKS
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -102,13 +113,22 @@ class LabelRule:
   def classes(self) -> tuple[int, ...]:
     return task_classes(self.task)
 
-  def labels(self, x):
-    """x [..., 8, 8] (numpy or jax) → y int32 [..., T], columns in `names` order."""
+  def labels(self, x, c=None):
+    """x [..., 8, 8] (numpy or jax) → y int32 [..., T], columns in `names` order.
+
+    c int [...]: the digit class of each image, needed by (only) a per-digit task.
+    """
     xp = jnp if isinstance(x, jax.Array) else np
+    if self.per_digit and c is None:
+      raise ValueError(f"task {self.task!r}: the label depends on the digit; pass c.")
     cols = []
     for (_, feature, _), edges in zip(_task_spec(self.task), self.edges):
       v = _FEATURES[feature](x)
-      cols.append(sum((v > e).astype(xp.int32) for e in edges))
+      if self.per_digit:
+        e = xp.asarray(edges, xp.float32)[xp.asarray(c)]  # [..., n_edges]
+        cols.append((v[..., None] > e).astype(xp.int32).sum(-1))
+      else:
+        cols.append(sum((v > e).astype(xp.int32) for e in edges))
     return xp.stack(cols, axis=-1).astype(xp.int32)
 
   def to_dict(self) -> dict:
@@ -117,25 +137,40 @@ class LabelRule:
 
   @classmethod
   def from_dict(cls, d: dict) -> "LabelRule":
-    return cls(d["task"], tuple(tuple(float(v) for v in d["edges"][n])
-                                for n in task_names(d["task"])))
+    def tup(e):
+      return tuple(tup(v) for v in e) if isinstance(e, (list, tuple)) else float(e)
+    return cls(d["task"], tuple(tup(d["edges"][n]) for n in task_names(d["task"])))
 
 
-def make_label_rule(task: str, x_train: np.ndarray) -> LabelRule:
-  """Edges = np.quantile (default, linear method) of each feature over x_train [N, 8, 8]."""
+def make_label_rule(task: str, x_train: np.ndarray, c_train: np.ndarray | None = None
+                    ) -> LabelRule:
+  """Edges = np.quantile (default, linear method) of each feature over x_train [N, 8, 8]; for
+  a per-digit task, over the train images of each digit class (c_train [N] needed)."""
   edges = []
   for _, feature, qs in _task_spec(task):
     v = np.asarray(_FEATURES[feature](np.asarray(x_train)))
-    edges.append(tuple(float(e) for e in np.quantile(v, qs)))
+    if task in PER_DIGIT_TASKS:
+      if c_train is None:
+        raise ValueError(f"task {task!r} has per-digit edges: pass c_train.")
+      edges.append(tuple(tuple(float(e) for e in np.quantile(v[np.asarray(c_train) == d], qs))
+                         for d in range(NUM_DIGITS)))
+    else:
+      edges.append(tuple(float(e) for e in np.quantile(v, qs)))
   return LabelRule(task, tuple(edges))
 
 
-def sample_label_pairs(x_train: np.ndarray, rule: LabelRule, num_labels: int,
-                       seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """num_labels offline pairs without replacement: (x [n, 8, 8], y int32 [n, T])."""
-  idx = np.random.default_rng(seed).choice(len(x_train), size=num_labels, replace=False)
+def label_pair_indices(num_train: int, num_labels: int, seed: int) -> np.ndarray:
+  """Indices into the train split of the num_labels offline pairs (without replacement)."""
+  return np.random.default_rng(seed).choice(num_train, size=num_labels, replace=False)
+
+
+def sample_label_pairs(x_train: np.ndarray, rule: LabelRule, num_labels: int, seed: int,
+                       c_train: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """num_labels offline pairs without replacement: (x [n, 8, 8], y int32 [n, T]). c_train is
+  used only to label a per-digit task."""
+  idx = label_pair_indices(len(x_train), num_labels, seed)
   x = np.asarray(x_train)[idx]
-  return x, rule.labels(x)
+  return x, rule.labels(x, None if c_train is None else np.asarray(c_train)[idx])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,14 +184,16 @@ class PixelPoolClassifier(nn.Module):
   neighbours (0 in the last column / row), so the spatial mean can express ink (mean x) and
   edge (mean Δ² against mean x). params["params"]["temperature"] (scalar, init 1) divides the
   logits; calibration sets it, the optimiser never touches it.
-  images [B, H, W] → logits [B, num_classes].
+  num_conditions > 0 (p̂(y | x, c)): a learned per-condition logit offset, so the class edge
+  can move with the digit c. images [B, H, W] (, cond int [B]) → logits [B, num_classes].
   """
   num_classes: int
   hidden: tuple[int, ...] = (32, 32)
   neighbour_diffs: bool = True
+  num_conditions: int = 0
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, cond=None):
     x = images.astype(jnp.float32)
     feats = [x]
     if self.neighbour_diffs:
@@ -168,25 +205,36 @@ class PixelPoolClassifier(nn.Module):
     for width in self.hidden:
       h = nn.gelu(nn.Dense(width)(h))  # Dense on the last axis = 1×1 conv
     logits = nn.Dense(self.num_classes)(h.mean(axis=(-3, -2)))
+    if self.num_conditions:
+      if cond is None:
+        raise ValueError("this classifier is p̂(y | x, c): pass cond (the digit c).")
+      logits = logits + nn.Embed(self.num_conditions, self.num_classes,
+                                 embedding_init=nn.initializers.zeros)(cond)
     temperature = self.param("temperature", nn.initializers.ones, ())
     return logits / temperature
 
 
 # Ink labels are a function of mean x alone: the Δ² inputs only add ways to overfit 240 pairs
 # (held-out ink3 accuracy ≈ 0.97 with them, ≈ 0.99 without).
-_NEIGHBOUR_DIFFS = {"ink3": False, "ink2": False, "edge2": True}
+_NEIGHBOUR_DIFFS = {"ink3": False, "ink2": False, "edge2": True, "inkc2": False}
 
 
-def classifier_for(name: str) -> PixelPoolClassifier:
-  """The reward-classifier module of a task name ("ink3", "ink2" or "edge2")."""
+def classifier_for(name: str, use_digit: bool = False) -> PixelPoolClassifier:
+  """The reward-classifier module of a task name ("ink3", "ink2", "edge2" or "inkc2");
+  use_digit: p̂(y | x, c) (the digit c as a second input) instead of p̂(y | x)."""
   if name not in _NEIGHBOUR_DIFFS:
     raise ValueError(f"unknown task name {name!r}; expected one of {tuple(_NEIGHBOUR_DIFFS)}.")
   num_classes = {n: k for t in TASKS for n, k in zip(task_names(t), task_classes(t))}[name]
-  return PixelPoolClassifier(num_classes, neighbour_diffs=_NEIGHBOUR_DIFFS[name])
+  return PixelPoolClassifier(num_classes, neighbour_diffs=_NEIGHBOUR_DIFFS[name],
+                             num_conditions=NUM_DIGITS if use_digit else 0)
+
+
+def _apply(model, params, images, cond):
+  return model.apply(params, images) if cond is None else model.apply(params, images, cond)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "lr"))
-def _adam_fit(model, params, images, labels, batch_idx, *, lr):
+def _adam_fit(model, params, images, labels, batch_idx, cond=None, *, lr):
   """Adam on cross-entropy over the batches batch_idx [steps, batch]; temperature held fixed.
 
   Returns (params, per-step loss [steps]).
@@ -196,7 +244,8 @@ def _adam_fit(model, params, images, labels, batch_idx, *, lr):
   opt = optax.adam(lr)
 
   def loss_fn(net, idx):
-    logits = model.apply({"params": {**net, "temperature": temperature}}, images[idx])
+    logits = _apply(model, {"params": {**net, "temperature": temperature}}, images[idx],
+                    None if cond is None else cond[idx])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
 
   def step(carry, idx):
@@ -243,9 +292,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray,
 
 def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, *,
                    steps: int = 1000, batch: int = 256, lr: float = 1e-2,
-                   calib_fraction: float = 0.2,
-                   neighbour_diffs: bool = True) -> tuple[Any, dict]:
-  """Fits PixelPoolClassifier(num_classes, neighbour_diffs=…) on (images [N, 8, 8], labels [N]).
+                   calib_fraction: float = 0.2, neighbour_diffs: bool = True,
+                   cond: np.ndarray | None = None) -> tuple[Any, dict]:
+  """Fits PixelPoolClassifier(num_classes, neighbour_diffs=…) on (images [N, 8, 8], labels [N]);
+  with cond (the digit c [N]) it fits p̂(y | x, c) (`num_conditions` = NUM_DIGITS).
 
   A seeded permutation holds back round(calib_fraction · N) pairs for calibration; Adam
   minimises cross-entropy on the rest (full batch when batch ≥ the rest, the default: minibatch
@@ -263,12 +313,17 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
   cal, fit = perm[:n_cal], perm[n_cal:]
   if n_cal < 1 or len(fit) < 1:
     raise ValueError(f"calib_fraction={calib_fraction} leaves an empty part of {len(images)}.")
-  model = PixelPoolClassifier(num_classes, neighbour_diffs=neighbour_diffs)
-  params = model.init(jax.random.PRNGKey(seed), jnp.asarray(images[:1]))
+  model = PixelPoolClassifier(num_classes, neighbour_diffs=neighbour_diffs,
+                              num_conditions=0 if cond is None else NUM_DIGITS)
+  cond = None if cond is None else jnp.asarray(cond, jnp.int32)
+  part = lambda idx: None if cond is None else cond[idx]  # noqa: E731
+  params = model.init(jax.random.PRNGKey(seed), jnp.asarray(images[:1]),
+                      *(() if cond is None else (cond[:1],)))
   params, losses = _adam_fit(model, params, jnp.asarray(images[fit]), jnp.asarray(labels[fit]),
-                             jnp.asarray(_batch_indices(rng, len(fit), steps, batch)), lr=lr)
-  logits_fit = np.asarray(model.apply(params, jnp.asarray(images[fit])))
-  logits_cal = np.asarray(model.apply(params, jnp.asarray(images[cal])))  # at T = 1
+                             jnp.asarray(_batch_indices(rng, len(fit), steps, batch)),
+                             part(fit), lr=lr)
+  logits_fit = np.asarray(_apply(model, params, jnp.asarray(images[fit]), part(fit)))
+  logits_cal = np.asarray(_apply(model, params, jnp.asarray(images[cal]), part(cal)))  # T = 1
   temperature, nll_before, nll_after = fit_temperature(logits_cal, labels[cal])
   params = {"params": {**params["params"], "temperature": jnp.asarray(temperature, jnp.float32)}}
   info = {"train_acc": float((logits_fit.argmax(-1) == labels[fit]).mean()),

@@ -89,7 +89,7 @@ def score(images: np.ndarray, c: np.ndarray, y: np.ndarray, rule: digits.LabelRu
   digit accuracy (K = combined labels); digit accuracy by the judge; Fréchet distance to the
   held-out digits in the judge's PCA space.
   """
-  y_true = np.asarray(rule.labels(images))
+  y_true = np.asarray(rule.labels(images, c))
   out: dict[str, Any] = {"num_samples": int(len(c)), "tasks": {}}
   for t, name in enumerate(rule.names):
     k = label_space.task_classes[t]

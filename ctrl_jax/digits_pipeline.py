@@ -46,8 +46,13 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)  # atomic: a crash never leaves a half-written marker
 
 
+# Config fields added after runs were saved: a saved stage without one was made with its default.
+_ADDED_FIELDS = {"use_digit": False}
+
+
 def _check_same(stage: str, saved: dict, wanted: dict, path: str) -> None:
   """A stage's saved config must match the current one, or reusing it would be silent drift."""
+  saved = {**_ADDED_FIELDS, **saved}
   diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
   if diff:
     raise ValueError(f"{path} was made with a different config.{stage} ("
@@ -99,8 +104,8 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> tuple[
 # ----------------------------------------------------------------------------- classifiers
 
 
-def classifier_modules(task: str) -> list:
-  return [digits.classifier_for(name) for name in digits.task_names(task)]
+def classifier_modules(task: str, use_digit: bool = False) -> list:
+  return [digits.classifier_for(name, use_digit) for name in digits.task_names(task)]
 
 
 def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
@@ -108,13 +113,17 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
   """Fits p̂(y_t | x) for each task name unless DIR/classifier/info.json exists.
 
   The label rule's edges come from the whole train split (the task definition); the classifier
-  sees only `num_labels` pairs drawn from it, and is reported on the held-out split.
+  sees only `num_labels` pairs drawn from it, and is reported on the held-out split. With
+  config.classifier.use_digit it is p̂(y_t | x, c), fitted on the pairs' digits too (CTRL then
+  passes the asked digit to the reward).
   Returns (rule, modules, params per task, info).
   """
   stage_dir = os.path.join(workdir, "classifier")
   info_path = os.path.join(stage_dir, "info.json")
-  modules = classifier_modules(config.task)
-  abstract = [jax.eval_shape(lambda m=m: m.init(jax.random.key(0), jnp.zeros((1, 8, 8))))
+  use_digit = bool(config.classifier.get("use_digit", False))
+  modules = classifier_modules(config.task, use_digit)
+  cond = (jnp.zeros((1,), jnp.int32),) if use_digit else ()
+  abstract = [jax.eval_shape(lambda m=m: m.init(jax.random.key(0), jnp.zeros((1, 8, 8)), *cond))
               for m in modules]
   wanted = {**_config_dict(config.classifier), "task": config.task}
   if os.path.exists(info_path):
@@ -126,15 +135,20 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
   t0 = time.time()
   k = config.classifier
   splits = digits.load_splits()
-  rule = digits.make_label_rule(config.task, splits["x_train"])
-  x, y = digits.sample_label_pairs(splits["x_train"], rule, k.num_labels, k.label_seed)
-  y_held = rule.labels(splits["x_heldout"])
+  rule = digits.make_label_rule(config.task, splits["x_train"], splits["c_train"])
+  idx = digits.label_pair_indices(len(splits["x_train"]), k.num_labels, k.label_seed)
+  x, c = splits["x_train"][idx], splits["c_train"][idx]
+  y = rule.labels(x, c)
+  y_held = rule.labels(splits["x_heldout"], splits["c_heldout"])
+  held_in = (jnp.asarray(splits["x_heldout"]),) + (
+      (jnp.asarray(splits["c_heldout"]),) if use_digit else ())
   params, per_task = [], {}
   for t, (name, module) in enumerate(zip(rule.names, modules)):
     p, fit_info = digits.fit_classifier(
         x, y[:, t], module.num_classes, k.seed + t, steps=k.steps, lr=k.lr,
-        calib_fraction=k.calib_fraction, neighbour_diffs=module.neighbour_diffs)
-    probs = np.asarray(jax.nn.softmax(module.apply(p, jnp.asarray(splits["x_heldout"]))))
+        calib_fraction=k.calib_fraction, neighbour_diffs=module.neighbour_diffs,
+        cond=c if use_digit else None)
+    probs = np.asarray(jax.nn.softmax(module.apply(p, *held_in)))
     fit_info.update(heldout_acc=float((probs.argmax(-1) == y_held[:, t]).mean()),
                     heldout_ece=digits.expected_calibration_error(probs, y_held[:, t]))
     per_task[name] = fit_info
@@ -166,7 +180,8 @@ def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlS
   if len(weights) != len(modules):
     raise ValueError(f"config.reward_weights={tuple(weights)}: need one weight per task name "
                      f"{digits.task_names(config.task)}.")
-  reward_fn = rewards.make_reward_fn([m.apply for m in modules], weights)
+  reward_fn = rewards.make_reward_fn([m.apply for m in modules], weights,
+                                     takes_prompt=[m.num_conditions > 0 for m in modules])
   return train.CtrlSetup(
       model=model, label_space=ls, reward_fn=reward_fn,
       decode_fn=lambda _, x0: digits_model.to_images(x0), latent_shape=(1, 8, 8),

@@ -65,22 +65,27 @@ def sample_labels(rng: np.random.Generator, label_space: LabelSpace, n: int) -> 
                   axis=-1).astype(np.int32)
 
 
-def make_reward_fn(classifiers: Sequence[ClassifierApply],
-                   weights: Sequence[float]) -> Callable[[Sequence[Any], jnp.ndarray,
-                                                          jnp.ndarray], tuple[jnp.ndarray, dict]]:
-  """reward_fn(params_per_task, images, y [B, T]) → (reward [B], aux).
+def make_reward_fn(classifiers: Sequence[ClassifierApply], weights: Sequence[float],
+                   takes_prompt: Sequence[bool] = ()) -> Callable[..., tuple[jnp.ndarray, dict]]:
+  """reward_fn(params_per_task, images, y [B, T], prompt [B] = None) → (reward [B], aux).
 
+  takes_prompt[t]: classifier t is p̂(y_t | x, c), called as apply(params, images, prompt)
+  (the condition c of each trajectory); the others are p̂(y_t | x), called without it.
   aux["probs"] is a list of per-task calibrated probabilities [B, K_t]; aux["log_prob"] a list
-  of per-task log(p̂(y_t | x) + 1e-6) [B].
+  of per-task log(p̂(y_t | ·) + 1e-6) [B].
   """
   if len(classifiers) != len(weights):
     raise ValueError(f"{len(classifiers)} classifiers but {len(weights)} reward weights.")
+  takes_prompt = tuple(takes_prompt) or (False,) * len(classifiers)
 
-  def reward_fn(params, images, y):
+  def reward_fn(params, images, y, prompt=None):
     total = 0.0
     aux = {"probs": [], "log_prob": []}
     for t, (apply, w) in enumerate(zip(classifiers, weights)):
-      probs = jax.nn.softmax(apply(params[t], images).astype(jnp.float32), axis=-1)
+      if takes_prompt[t] and prompt is None:
+        raise ValueError(f"reward classifier {t} is p̂(y | x, c): the caller must pass prompt.")
+      args = (prompt,) if takes_prompt[t] else ()
+      probs = jax.nn.softmax(apply(params[t], images, *args).astype(jnp.float32), axis=-1)
       p_y = jnp.take_along_axis(probs, y[:, t:t + 1].astype(jnp.int32), axis=-1)[:, 0]
       log_p = jnp.log(p_y + LOG_EPS)
       total = total + w * log_p

@@ -8,6 +8,9 @@ Studies (config.studies, documented in configs/digits.py):
   gamma   the reward weight γ at a fixed KL weight: the accuracy vs sample-quality frontier.
   lora    LoRA rank on the attention projections vs full fine-tuning of the UNet: accuracy,
           seconds per update, trainable parameters and XLA's memory plan of the train step.
+  dependent  a control that violates y ⟂ c | x: "inkc2" = ink above the median of the image's
+          *own digit class*. CTRL with the c-blind reward p̂(y | x) against CTRL with
+          p̂(y | x, c) (the asked digit passed to the reward), same labelled pairs.
 Every variant shares DIR's pre-trained model (and DIR's classifier when its classifier config is
 DIR's), trains in DIR/studies/<study>/<variant>/ (resumable like any run) and is scored by the
 comparison's fixed evaluation (ctrl_jax.compare.Bench: same requests, judge and seeds as
@@ -28,7 +31,7 @@ from ctrl_jax import compare
 from ctrl_jax import digits_pipeline
 from ctrl_jax import experiment
 
-STUDIES = ("labels", "gamma", "lora")
+STUDIES = ("labels", "gamma", "lora", "dependent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,10 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
       out.append(Variant("ctrl_full", (("lora_rank", 0), ("full_finetune", True)), "ctrl",
                          "full"))
     return out
+  if study == "dependent":
+    return [Variant(f"ctrl_{name}", (("task", "inkc"), ("classifier.use_digit", aware)), "ctrl",
+                    label) for name, aware, label in (("blind", False, "p̂(y | x)"),
+                                                       ("aware", True, "p̂(y | x, c)"))]
   raise ValueError(f"--study={study!r}; expected one of {STUDIES}.")
 
 
@@ -124,7 +131,7 @@ def _ctrl(bench: compare.Bench, vconfig, vdir: str) -> tuple[Any, dict]:
            "seconds_per_update": info.get("seconds_per_update"),
            "trainable_params": info.get("trainable_params"),
            "step_memory_bytes": info.get("step_memory_bytes"),
-           "classifier": problem.info["classifier"].get("metrics")}
+           "classifier": problem.info["classifier"].get("tasks")}
   return bench.sampler(params), extra
 
 
@@ -135,7 +142,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
   vs = variants(config, study)
   out_dir = os.path.join(workdir, "studies", study)
   problem = digits_pipeline.build_problem(config, workdir)  # DIR's stages first (shared)
-  bench = compare.Bench(config, problem, out_dir)
+  bench_config = config
+  if study == "dependent":  # another task: scored by its own label rule (the first variant's)
+    bench_config = variant_config(config, vs[0].overrides)
+    problem = digits_pipeline.build_problem(bench_config,
+                                            variant_workdir(workdir, study, vs[0], config))
+  bench = compare.Bench(bench_config, problem, out_dir)
   if "pretrained" not in bench.results:
     bench.evaluate("pretrained", bench.sampler(problem.params), {"training_time_s": 0.0})
   for v in vs:
@@ -169,20 +181,26 @@ def _mib(m: dict) -> str:
   return f"{mem['peak_estimate'] / 2**20:.1f}" if mem else "—"
 
 
+def _classifier_acc(m: dict) -> str:
+  tasks = m.get("classifier") or {}
+  return " / ".join(f"{t['heldout_acc']:.3f}" for t in tasks.values()) or "—"
+
+
 def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
   head = ["variant", "method", "value", "y-acc", "digit acc", "Fréchet", "training s",
-          "s / update", "trainable params", "step memory MiB"]
+          "s / update", "trainable params", "step memory MiB", "reward classifier held-out acc"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   pre = results["pretrained"]
   rows.append(f"| pretrained | — | — | {pre['joint_accuracy']:.3f} | "
-              f"{pre['digit_accuracy']:.3f} | {pre['frechet_distance']:.3f} | 0 | — | 0 | — |")
+              f"{pre['digit_accuracy']:.3f} | {pre['frechet_distance']:.3f} | 0 | — | 0 | — | — |")
   for v in vs:
     m = results[v.name]
     spu = m.get("seconds_per_update")
     rows.append("| " + " | ".join([
         v.name, v.method, str(v.x), f"{m['joint_accuracy']:.3f}", f"{m['digit_accuracy']:.3f}",
         f"{m['frechet_distance']:.3f}", f"{m.get('training_time_s', 0.0):.0f}",
-        f"{spu:.2f}" if spu else "—", str(m.get("trainable_params") or "—"), _mib(m)]) + " |")
+        f"{spu:.2f}" if spu else "—", str(m.get("trainable_params") or "—"), _mib(m),
+        _classifier_acc(m)]) + " |")
   text = "\n".join(rows) + "\n"
   with open(path, "w") as f:
     f.write(text)
@@ -233,6 +251,19 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
         (axes[2], [results[v.name].get("seconds_per_update") or 0 for v in vs], "s / update"),
         (axes[3], mem, "train-step memory (MiB, XLA plan)")):
       ax.bar(names, vals)
+      ax.set_title(name, fontsize=9)
+  elif study == "dependent":
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    names = ["pre-trained"] + [str(v.x) for v in vs]
+    rows = [pre] + [results[v.name] for v in vs]
+    cls = [float("nan")] + [next(iter((r.get("classifier") or {}).values()),
+                                 {}).get("heldout_acc", float("nan")) for r in rows[1:]]
+    for ax, vals, name in (
+        (axes[0], [r["joint_accuracy"] for r in rows], "y accuracy (inkc2, true label)"),
+        (axes[1], [r["digit_accuracy"] for r in rows], "digit accuracy"),
+        (axes[2], cls, "reward classifier held-out accuracy")):
+      ax.bar(names, vals)
+      ax.set_ylim(0, 1)
       ax.set_title(name, fontsize=9)
   else:
     raise ValueError(study)

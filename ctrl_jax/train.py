@@ -34,7 +34,8 @@ class CtrlSetup:
   Attributes:
     model: the augmented UNet.
     label_space: the task(s) and their class counts.
-    reward_fn: `(reward_params, images, y [B, T]) -> (reward [B], aux)` (rewards.make_reward_fn).
+    reward_fn: `(reward_params, images, y [B, T], prompt [B]) -> (reward [B], aux)`
+      (rewards.make_reward_fn; prompt = the condition index, used by p̂(y | x, c) rewards).
     decode_fn: `(decoder_params, x0 [B, C, H, W]) -> images` fed to the classifiers.
     latent_shape: (C, H, W).
     timesteps: int [N] DDIM timesteps, noisiest first.
@@ -146,7 +147,8 @@ def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup
       num_no_grad_steps=n0, remat_policy=setup.remat_policy,
       reference_grad=setup.reference_grad)
   images = setup.decode_fn(frozen.get("decoder"), traj.x0)
-  reward, aux = setup.reward_fn(frozen["reward"], images, micro_batch["y"])
+  reward, aux = setup.reward_fn(frozen["reward"], images, micro_batch["y"],
+                                micro_batch["prompt"])
   kl = objective.path_kl(traj.kl, setup.num_dims, setup.kl_convention)
   loss = objective.ctrl_loss(reward, kl, hp["gamma"], hp["kl_weight"])
   metrics = {"loss": loss, "reward": jnp.mean(reward), "kl": kl,

@@ -208,3 +208,57 @@ def test_frechet_distance(splits, judge):
   a, b = np.array([[0.0], [2.0]]), np.array([[1.0], [5.0]])
   want = (1.0 - 3.0) ** 2 + (np.std(a, ddof=1) - np.std(b, ddof=1)) ** 2
   assert digits.frechet_distance(a, b) == pytest.approx(want)
+
+
+def test_per_digit_rule_labels_each_digit_at_its_own_median(splits):
+  """inkc2: class 1 iff ink > the median ink of the image's own digit class (train split)."""
+  rule = digits.make_label_rule("inkc", splits["x_train"], splits["c_train"])
+  assert rule.per_digit and digits.LabelRule.from_dict(json.loads(json.dumps(
+      rule.to_dict()))) == rule
+  ink = digits.ink(splits["x_train"])
+  y = rule.labels(splits["x_train"], splits["c_train"])[:, 0]
+  for d in range(10):
+    m = splits["c_train"] == d
+    assert rule.edges[0][d][0] == pytest.approx(float(np.median(ink[m])), abs=1e-6)
+    assert abs(y[m].mean() - 0.5) < 0.02  # about half of every digit is above its median
+  # the same image gets different labels under different digits (y depends on c)
+  medians = np.asarray(rule.edges[0])[:, 0]
+  i = int(np.argmin(np.abs(ink - np.median(medians))))  # between the digits' medians
+  x = splits["x_train"][i:i + 1].repeat(10, 0)
+  assert len(set(rule.labels(x, np.arange(10))[:, 0].tolist())) == 2
+  assert np.array_equal(np.asarray(rule.labels(jnp.asarray(x), jnp.arange(10))),
+                        rule.labels(x, np.arange(10)))
+  with pytest.raises(ValueError, match="pass c"):
+    rule.labels(splits["x_train"])
+  with pytest.raises(ValueError, match="c_train"):
+    digits.make_label_rule("inkc", splits["x_train"])
+
+
+def test_digit_aware_classifier_beats_the_blind_one_on_a_digit_dependent_label(splits):
+  """Same 300 pairs; p̂(y | x, c) knows the per-digit edge, p̂(y | x) must guess it from x."""
+  from ctrl_jax import rewards  # pylint: disable=g-import-not-at-top
+  rule = digits.make_label_rule("inkc", splits["x_train"], splits["c_train"])
+  idx = digits.label_pair_indices(len(splits["x_train"]), 300, 0)
+  x, c = splits["x_train"][idx], splits["c_train"][idx]
+  y = rule.labels(x, c)[:, 0]
+  y_held = rule.labels(splits["x_heldout"], splits["c_heldout"])[:, 0]
+  acc = {}
+  for aware in (False, True):
+    model = digits.classifier_for("inkc2", use_digit=aware)
+    params, _ = digits.fit_classifier(x, y, 2, seed=0, steps=500,
+                                      neighbour_diffs=model.neighbour_diffs,
+                                      cond=c if aware else None)
+    args = (jnp.asarray(splits["c_heldout"]),) if aware else ()
+    pred = np.asarray(model.apply(params, jnp.asarray(splits["x_heldout"]), *args)).argmax(-1)
+    acc[aware] = float((pred == y_held).mean())
+    reward_fn = rewards.make_reward_fn([model.apply], [1.0], takes_prompt=[aware])
+    r, aux = reward_fn([params], jnp.asarray(splits["x_heldout"][:8]),
+                       jnp.asarray(y_held[:8, None]), jnp.asarray(splits["c_heldout"][:8]))
+    assert r.shape == (8,) and np.allclose(np.exp(np.asarray(r)),
+                                           np.asarray(aux["probs"][0])[np.arange(8), y_held[:8]],
+                                           atol=1e-5)
+    if aware:
+      with pytest.raises(ValueError, match="must pass prompt"):
+        reward_fn([params], jnp.asarray(splits["x_heldout"][:8]), jnp.asarray(y_held[:8, None]))
+  assert acc[True] > acc[False] + 0.03, acc
+  assert acc[True] > 0.95, acc

@@ -228,3 +228,53 @@ def test_compare_baselines_on_the_quick_run(quick_run):
   with open(os.path.join(workdir, "compare", "results.json")) as f:
     assert set(json.load(f)["methods"]) == set(config.compare.methods)
   assert os.path.getsize(os.path.join(workdir, "compare", "results.md")) > 200
+
+
+def test_study_reuses_the_base_run_and_trains_the_other_variant(quick_run):
+  """The γ study on the :quick run: γ = 1 is the run itself (not retrained), γ = 3 trains in
+  studies/gamma/ctrl_gamma3 on the shared pre-trained model; both are scored on the same
+  requests; a rerun trains nothing and gives the same results."""
+  from ctrl_jax import studies  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = quick_run
+  config = digits_config.get_config("quick")
+  config.studies.gammas = (1.0, 3.0)
+  results = studies.run(config, workdir, "gamma")
+  assert set(results) == {"pretrained", "ctrl_gamma1", "ctrl_gamma3"}
+  out = os.path.join(workdir, "studies", "gamma")
+  assert not os.path.exists(os.path.join(out, "ctrl_gamma1"))  # the base run, reused
+  vdir = os.path.join(out, "ctrl_gamma3")
+  assert os.path.islink(os.path.join(vdir, "pretrain"))
+  assert os.path.realpath(os.path.join(vdir, "pretrain")) == os.path.realpath(
+      os.path.join(workdir, "pretrain"))
+  with open(os.path.join(vdir, "finetune", "info.json")) as f:
+    info = json.load(f)
+  assert info["num_updates"] == config.num_updates and info["seconds_per_update"] > 0
+  assert info["step_memory_bytes"]["temp"] > 0 and info["trainable_params"] > 0
+  m = results["ctrl_gamma3"]
+  assert m["study_value"] == 3.0 and m["num_samples"] == results["pretrained"]["num_samples"]
+  # γ = 3 moves y more than the pre-trained model does (as γ = 1 does: tested above).
+  assert m["joint_accuracy"] > results["pretrained"]["joint_accuracy"]
+  for name in ("results.md", "gamma.png", "grid_ctrl_gamma3.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 100
+  mtime = os.path.getmtime(os.path.join(vdir, "finetune", "info.json"))
+  again = studies.run(config, workdir, "gamma")
+  assert {k: v["joint_accuracy"] for k, v in again.items()} == {
+      k: v["joint_accuracy"] for k, v in results.items()}
+  assert os.path.getmtime(os.path.join(vdir, "finetune", "info.json")) == mtime
+
+
+def test_study_variants_and_overrides():
+  from ctrl_jax import studies  # pylint: disable=g-import-not-at-top
+  config = digits_config.get_config("ink")
+  names = [v.name for v in studies.variants(config, "lora")]
+  assert names == ["ctrl_rank1", "ctrl_rank4", "ctrl_rank16", "ctrl_full"]
+  full = studies.variants(config, "lora")[-1]
+  vc = studies.variant_config(config, full.overrides)
+  assert vc.full_finetune and vc.lora_rank == 0 and not config.full_finetune
+  assert studies.is_base(config, studies.variants(config, "lora")[1].overrides)
+  labels = studies.variants(config, "labels")
+  assert [v.x for v in labels if v.method == "cfg_triplets"] == [50, 100, 300, 1000]
+  with pytest.raises(ValueError, match="no such field"):
+    studies.variant_config(config, (("classifier.nonexistent", 1),))
+  with pytest.raises(ValueError, match="--study="):
+    studies.variants(config, "nope")

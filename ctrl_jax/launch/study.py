@@ -4,6 +4,7 @@ results.json, results.md, a plot and one image grid per variant in DIR/studies/<
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=labels
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=gamma
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=lora
+  python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=dependent
 
 Variants already in results.json are kept, and each variant's training resumes (rerun = resume).
 """
