@@ -16,6 +16,7 @@ Outputs: DIR/compare/results.json, results.md and one image grid per method.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -207,72 +208,87 @@ class Bench:
     return fn
 
 
+GUIDED = ("dps", "dps_nojac", "classifier_guidance", "mpgd", "smc", "svdd")
+
+
+def make_method(method: str, config: ml_collections.ConfigDict, workdir: str, bench: Bench,
+                problem) -> tuple[Callable, dict]:
+  """(`fn(c, y, key, weight) -> images`, info) of one method on the run in `workdir`; trains
+  what the method needs first (CTRL, the noise-conditional classifier, CFG on triplets), or
+  reuses it. info: UNet evaluations per sample, training time (and a note)."""
+  cc = bench.cc
+  n_steps = len(bench.setup.timesteps)
+  evals = functools.partial(baselines.unet_evals_per_sample, num_steps=n_steps)
+  if method == "pretrained":
+    fn = bench.sampler(problem.params)
+    return (lambda c, y, k, w: fn(c, y, k)), {"unet_evals_per_sample": evals("ddim"),
+                                              "training_time_s": 0.0}
+  if method == "ctrl":
+    try:
+      params, step = experiment.load_finetuned(config, workdir, problem)
+    except FileNotFoundError:
+      step = 0
+    if step < config.num_updates:
+      params = experiment.finetune(config, workdir, problem)["params"]
+    with open(os.path.join(workdir, "finetune", "info.json")) as f:
+      info = json.load(f)
+    fn = bench.sampler(params)
+    return (lambda c, y, k, w: fn(c, y, k)), {
+        "unet_evals_per_sample": evals("ddim"), "training_time_s": info["wall_time_s"],
+        "training_note": "CTRL fine-tuning wall time (last invocation that trained)"}
+  if method == "cfg_triplets":
+    from ctrl_jax import cfg_triplets  # pylint: disable=g-import-not-at-top
+    cfg_params, cfg_info = cfg_triplets.train_cfg_triplets(config, workdir)
+    return bench.cfg_fn(cfg_params), {
+        "unet_evals_per_sample": evals("ddim"),
+        "training_time_s": cfg_info.get("wall_time_s", 0.0),
+        "training_note": "fine-tuning on labelled (x, c, y) triplets"}
+  if method not in GUIDED:
+    raise ValueError(f"unknown method {method!r}; expected one of {ALL_METHODS}.")
+  noisy_params, noisy_fn, noisy_time = None, None, 0.0
+  if method == "classifier_guidance":
+    t0 = time.time()
+    k, ls = config.classifier, bench.ls
+    x, y = digits.sample_label_pairs(bench.splits["x_train"], bench.rule, k.num_labels,
+                                     k.label_seed)
+    modules, noisy_params = [], []
+    for t, n in enumerate(ls.task_classes):
+      modules.append(baselines.NoisyDigitClassifier(n))
+      noisy_params.append(baselines.fit_noisy_classifier(
+          x, y[:, t], n, bench.frozen["schedule"], k.seed + t, steps=cc.noisy_classifier_steps))
+    weights = tuple(config.get("reward_weights") or ()) or (1.0,) * ls.num_tasks
+    noisy_fn = baselines.make_noisy_log_prob_fn(modules, weights)
+    noisy_time = time.time() - t0
+  sample = make_guided_sampler(method, bench.setup, cc, noisy_fn)
+  frozen = bench.frozen
+  base = {"dps_nojac": "dps"}.get(method, method)
+  return (lambda c, y, key, w: sample(frozen, c, y, key, jnp.float32(w), noisy_params)), {
+      "unet_evals_per_sample": evals(base, use_unet_jacobian=method in ("dps", "smc"),
+                                     num_particles=cc.smc_particles,
+                                     num_candidates=cc.svdd_candidates),
+      "training_time_s": noisy_time}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the comparison (missing stages first: pre-training, classifier, CTRL)."""
   if config.problem != "digits":
     raise ValueError(f"config.problem={config.problem!r}: the comparison runs on 'digits'.")
   cc = compare_config(config)
-  out_dir = os.path.join(workdir, "compare")
   problem = digits_pipeline.build_problem(config, workdir)
-  bench = Bench(config, problem, out_dir)
-  setup, ls, frozen, results = bench.setup, bench.ls, bench.frozen, bench.results
-  splits, rule = bench.splits, bench.rule
-  n_steps = len(setup.timesteps)
-  evaluate, tune = bench.evaluate, bench.tune
-
-  evals = lambda method, **kw: baselines.unet_evals_per_sample(method, n_steps, **kw)  # noqa: E731
-  if "pretrained" not in results:
-    evaluate("pretrained", bench.sampler(problem.params),
-             {"unet_evals_per_sample": evals("ddim"), "training_time_s": 0.0})
-  if "ctrl" in cc.methods and "ctrl" not in results:
-    try:
-      ctrl_params, step = experiment.load_finetuned(config, workdir, problem)
-    except FileNotFoundError:
-      step = 0
-    if step < config.num_updates:
-      ctrl_params = experiment.finetune(config, workdir, problem)["params"]
-    with open(os.path.join(workdir, "finetune", "info.json")) as f:
-      info = json.load(f)
-    evaluate("ctrl", bench.sampler(ctrl_params),
-             {"unet_evals_per_sample": evals("ddim"), "training_time_s": info["wall_time_s"],
-              "training_note": "CTRL fine-tuning wall time (last invocation that trained)"})
-  noisy_params, noisy_fn, noisy_time = None, None, 0.0
-  if "classifier_guidance" in cc.methods and "classifier_guidance" not in results:
-    t0 = time.time()
-    k = config.classifier
-    x, y = digits.sample_label_pairs(splits["x_train"], rule, k.num_labels, k.label_seed)
-    modules, noisy_params = [], []
-    for t, n in enumerate(ls.task_classes):
-      modules.append(baselines.NoisyDigitClassifier(n))
-      noisy_params.append(baselines.fit_noisy_classifier(
-          x, y[:, t], n, frozen["schedule"], k.seed + t, steps=cc.noisy_classifier_steps))
-    weights = tuple(config.get("reward_weights") or ()) or (1.0,) * ls.num_tasks
-    noisy_fn = baselines.make_noisy_log_prob_fn(modules, weights)
-    noisy_time = time.time() - t0
-  for method in ("dps", "dps_nojac", "classifier_guidance", "mpgd", "smc", "svdd"):
-    if method not in cc.methods or method in results:
+  bench = Bench(config, problem, os.path.join(workdir, "compare"))
+  order = ["pretrained"] + [m for m in ALL_METHODS if m in cc.methods and m != "pretrained"]
+  for method in order:
+    if method in bench.results:
       continue
-    fn = make_guided_sampler(method, setup, cc, noisy_fn)
-    run_w = lambda c, y, key, w, fn=fn: fn(frozen, c, y, key, jnp.float32(w), noisy_params)  # noqa: E731
-    w, rows = tune(method, run_w, cc.grids[method])
-    base = {"dps": "dps", "dps_nojac": "dps"}.get(method, method)
-    evaluate(method, lambda c, y, key, run_w=run_w, w=w: run_w(c, y, key, w), {
-        "weight": w, "tuning": rows,
-        "unet_evals_per_sample": evals(base, use_unet_jacobian=method in ("dps", "smc"),
-                                       num_particles=cc.smc_particles,
-                                       num_candidates=cc.svdd_candidates),
-        "training_time_s": noisy_time if method == "classifier_guidance" else 0.0})
-  if "cfg_triplets" in cc.methods and "cfg_triplets" not in results:
-    from ctrl_jax import cfg_triplets  # pylint: disable=g-import-not-at-top
-    cfg_params, cfg_info = cfg_triplets.train_cfg_triplets(config, workdir)
-    cfg_fn = bench.cfg_fn(cfg_params)
-    w, rows = tune("cfg_triplets", cfg_fn, cc.grids["cfg_triplets"])
-    evaluate("cfg_triplets", lambda c, y, key: cfg_fn(c, y, key, w), {
-        "weight": w, "tuning": rows, "unet_evals_per_sample": evals("ddim"),
-        "training_time_s": cfg_info.get("wall_time_s", 0.0),
-        "training_note": "fine-tuning on labelled (x, c, y) triplets"})
-  write_table(os.path.join(out_dir, "results.md"), results, ls.num_tasks > 1)
-  return results
+    fn, info = make_method(method, config, workdir, bench, problem)
+    if method in cc.grids:  # tuned on the tuning set
+      w, rows = bench.tune(method, fn, cc.grids[method])
+      info.update(weight=w, tuning=rows)
+    else:
+      w = 0.0
+    bench.evaluate(method, lambda c, y, key, fn=fn, w=w: fn(c, y, key, w), info)
+  write_table(os.path.join(bench.out_dir, "results.md"), bench.results, bench.ls.num_tasks > 1)
+  return bench.results
 
 
 def write_table(path: str, results: dict, multitask: bool) -> str:
