@@ -88,6 +88,10 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   e.seed = 1234                 # x_T / noise seed (the same for fine-tuned and pre-trained)
   e.batch_size = 500            # samples per sampling call
   e.grid_samples = 4            # samples per cell in the PNG grids
+  e.method = "ctrl"             # "ctrl", or a baseline of ctrl_jax.compare ("dps", "svdd", …):
+                                #   sampled on the pre-trained model into DIR/eval_<method>/
+  e.weight = -1.0               # the baseline's guidance weight (< 0: the one the comparison
+                                #   tuned, from DIR/compare/results.json)
 
   # Baselines comparison (ctrl_jax.compare; python -m ctrl_jax.launch.compare).
   m = c.compare = ml_collections.ConfigDict()
@@ -110,6 +114,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   s.gammas = (0.3, 1.0, 3.0)    # "gamma": reward weights γ (kl_weight fixed)
   s.lora_ranks = (1, 4, 16)     # "lora": LoRA ranks …
   s.full_finetune = True        #   … and full fine-tuning of the UNet (lr_unet, no LoRA)
+  s.full_finetune_updates = 0   #   its number of updates (0 = num_updates; an update costs more)
                                 # "dependent": task inkc, reward p̂(y | x) vs p̂(y | x, c)
   b = c.baselines = ml_collections.ConfigDict()
   b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of

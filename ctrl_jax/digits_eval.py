@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -121,15 +121,39 @@ def cell_names(label_space: rewards.LabelSpace) -> list[str]:
   return [",".join(f"{n}={v}" for n, v in zip(label_space.task_names, row)) for row in ys]
 
 
+def _baseline_sampler(config: ml_collections.ConfigDict, workdir: str, problem,
+                      method: str) -> tuple[Callable, float]:
+  """(`sampler(params, frozen, c, y, key)` of a comparison method, its weight): the weight is
+  config.eval.weight, or (when < 0) the one the comparison tuned (DIR/compare/results.json)."""
+  from ctrl_jax import compare  # pylint: disable=g-import-not-at-top  (imports us)
+  bench = compare.Bench(config, problem, os.path.join(workdir, "compare"))
+  w = float(config.eval.get("weight", -1.0))
+  if w < 0:
+    if "weight" not in bench.results.get(method, {}):
+      raise ValueError(f"config.eval.method={method!r}: no tuned weight in {bench.path}; run "
+                       "`python -m ctrl_jax.launch.compare` first or set --config.eval.weight.")
+    w = float(bench.results[method]["weight"])
+  fn, _ = compare.make_method(method, config, workdir, bench, problem)
+  return (lambda params, frozen, c, y, key: fn(c, y, key, w)), w
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              params: Optional[dict] = None) -> dict:
-  """Evaluates the CTRL run in `workdir` (its latest checkpoint unless `params` is given)."""
+  """Evaluates the CTRL run in `workdir` (its latest checkpoint unless `params` is given), or,
+  with config.eval.method set to a baseline of ctrl_jax.compare (e.g. "dps", "svdd"), that
+  method on the same pre-trained model, into DIR/eval_<method>/ (same artifacts)."""
   t0 = time.time()
-  out_dir = os.path.join(workdir, "eval")
+  method = config.eval.get("method", "ctrl")
+  out_dir = os.path.join(workdir, "eval" if method == "ctrl" else f"eval_{method}")
   os.makedirs(out_dir, exist_ok=True)
   problem = digits_pipeline.build_problem(config, workdir)
   setup = problem.setup
-  if params is None:
+  sampler = make_sampler(setup)
+  method_sampler, title = sampler, None
+  if method != "ctrl":
+    method_sampler, weight = _baseline_sampler(config, workdir, problem, method)
+    params, title = problem.params, f"{method} (weight {weight:g}) on p(x | c)"
+  elif params is None:
     params, step = experiment.load_finetuned(config, workdir, problem)
     print(f"[eval] fine-tuned params from update {step}", flush=True)
   rule = digits.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
@@ -139,11 +163,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       eta=config.eta)}
   e = config.eval
   c, y = eval_requests(setup.label_space, e.samples_per_cell)
-  sampler = make_sampler(setup)
   # Both param trees as host arrays: the same argument placement ⇒ one compilation.
-  images = {name: sample_all(sampler, jax.device_get(p), frozen, c, y, e.seed, e.batch_size,
-                             name)
-            for name, p in (("finetuned", params), ("pretrained", problem.params))}
+  images = {name: sample_all(fn, jax.device_get(p), frozen, c, y, e.seed, e.batch_size, name)
+            for name, fn, p in (("finetuned", method_sampler, params),
+                                ("pretrained", sampler, problem.params))}
   splits = digits.load_splits()
   judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
   held_feats = judge.features(splits["x_heldout"])
@@ -158,7 +181,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       "classifiers": cls_info["tasks"],
   }
   metrics["cells"] = cell_names(setup.label_space)
-  metrics["config"] = {"variant": config.get("variant", ""), "task": config.task}
+  metrics["config"] = {"variant": config.get("variant", ""), "task": config.task,
+                       "method": method if title is None else title}
   np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images["finetuned"], c=c,
                       y=y[:, 0] if y.shape[1] == 1 else y,
                       images_pretrained=images["pretrained"])
@@ -166,8 +190,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics["wall_time_s"]["eval"] = time.time() - t0
   from ctrl_jax import digits_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
   digits_plots.save_grid(os.path.join(out_dir, "grid.png"), images, c, y, setup.label_space,
-                         e.grid_samples, metrics)
-  digits_plots.save_cell_tables(os.path.join(out_dir, "cells.png"), metrics)
+                         e.grid_samples, metrics, title)
+  digits_plots.save_cell_tables(os.path.join(out_dir, "cells.png"), metrics, title)
   digits_plots.save_curves(os.path.join(out_dir, "curves.png"),
                            os.path.join(workdir, "finetune.jsonl"), setup.label_space.task_names)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:

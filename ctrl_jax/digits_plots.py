@@ -15,6 +15,11 @@ from ctrl_jax import rewards  # noqa: E402
 _MODELS = (("pretrained", "pre-trained p(x | c)"), ("finetuned", "CTRL p(x | c, y)"))
 
 
+def _models(title: str | None):
+  """The two panels (key, title); `title` renames the second (a baseline instead of CTRL)."""
+  return _MODELS if title is None else (_MODELS[0], ("finetuned", title))
+
+
 def tile_cells(images: np.ndarray, c: np.ndarray, label: np.ndarray, num_labels: int,
                per_cell: int, pad: int = 1) -> np.ndarray:
   """[rows = digit 0..9, columns = label] mosaic of the first `per_cell` samples of each cell.
@@ -37,7 +42,8 @@ def tile_cells(images: np.ndarray, c: np.ndarray, label: np.ndarray, num_labels:
 
 
 def save_grid(path: str, images: dict, c: np.ndarray, y: np.ndarray,
-              label_space: rewards.LabelSpace, per_cell: int, metrics: dict) -> None:
+              label_space: rewards.LabelSpace, per_cell: int, metrics: dict,
+              title: str | None = None) -> None:
   """Pre-trained and fine-tuned sample mosaics side by side (rows c, columns y)."""
   label = np.zeros(len(c), np.int64)
   for t, k in enumerate(label_space.task_classes):
@@ -45,7 +51,7 @@ def save_grid(path: str, images: dict, c: np.ndarray, y: np.ndarray,
   k = label_space.num_labels
   fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * k * per_cell, 5.4))
   names = metrics["cells"]
-  for ax, (key, title) in zip(axes, _MODELS):
+  for ax, (key, name) in zip(axes, _models(title)):
     mosaic = tile_cells(images[key], c, label, k, per_cell)
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     cell_w = per_cell * 9 + 1
@@ -54,18 +60,18 @@ def save_grid(path: str, images: dict, c: np.ndarray, y: np.ndarray,
     ax.set_yticks([r * 9 + 5 for r in range(10)])
     ax.set_yticklabels([f"c={r}" for r in range(10)], fontsize=8)
     m = metrics[key]
-    ax.set_title(f"{title}\njoint y-acc {m['joint_accuracy']:.3f}, "
+    ax.set_title(f"{name}\njoint y-acc {m['joint_accuracy']:.3f}, "
                  f"digit acc {m['digit_accuracy']:.3f}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def save_cell_tables(path: str, metrics: dict) -> None:
+def save_cell_tables(path: str, metrics: dict, title: str | None = None) -> None:
   """Heat maps of per-cell y-accuracy (joint) for both models, annotated."""
   names = metrics["cells"]
   fig, axes = plt.subplots(1, 2, figsize=(2.0 + 1.6 * len(names), 4.6))
-  for ax, (key, title) in zip(axes, _MODELS):
+  for ax, (key, name) in zip(axes, _models(title)):
     table = np.asarray(metrics[key]["cell_accuracy"])
     ax.imshow(table, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for (r, q), v in np.ndenumerate(table):
@@ -74,7 +80,7 @@ def save_cell_tables(path: str, metrics: dict) -> None:
     ax.set_xticklabels(names, rotation=30 if len(names) > 3 else 0, fontsize=8)
     ax.set_yticks(range(10))
     ax.set_yticklabels([f"c={r}" for r in range(10)], fontsize=8)
-    ax.set_title(f"{title}: y-accuracy per (c, y) cell", fontsize=9)
+    ax.set_title(f"{name}: y-accuracy per (c, y) cell", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -58,8 +58,10 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
     out = [Variant(f"ctrl_rank{r}", (("lora_rank", int(r)), ("full_finetune", False)), "ctrl",
                    f"rank {r}") for r in s.lora_ranks]
     if s.full_finetune:
-      out.append(Variant("ctrl_full", (("lora_rank", 0), ("full_finetune", True)), "ctrl",
-                         "full"))
+      n = int(s.get("full_finetune_updates", 0)) or int(config.num_updates)
+      out.append(Variant("ctrl_full", (("lora_rank", 0), ("full_finetune", True),
+                                       ("num_updates", n)), "ctrl",
+                         "full" if n == config.num_updates else f"full, {n} updates"))
     return out
   if study == "dependent":
     return [Variant(f"ctrl_{name}", (("task", "inkc"), ("classifier.use_digit", aware)), "ctrl",

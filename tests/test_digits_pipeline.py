@@ -278,3 +278,24 @@ def test_study_variants_and_overrides():
     studies.variant_config(config, (("classifier.nonexistent", 1),))
   with pytest.raises(ValueError, match="--study="):
     studies.variants(config, "nope")
+
+
+def test_evaluate_launcher_runs_a_baseline(quick_run):
+  """`ctrl_jax.launch.evaluate` with config.eval.method = a baseline: the same artifacts in
+  DIR/eval_<method>/, the method's samples against the pre-trained model's."""
+  workdir, _, metrics_ctrl = quick_run
+  config = digits_config.get_config("quick")
+  config.eval.method = "mpgd"
+  config.eval.weight = 1.0
+  metrics = experiment.evaluate(config, workdir)
+  out = os.path.join(workdir, "eval_mpgd")
+  for name in ("samples.npz", "metrics.json", "summary.md", "grid.png", "cells.png"):
+    assert os.path.exists(os.path.join(out, name)), name
+  assert metrics["config"]["method"] == "mpgd (weight 1) on p(x | c)"
+  # the unguided samples are the CTRL evaluation's (same requests, same seed)
+  assert metrics["pretrained"]["joint_accuracy"] == metrics_ctrl["pretrained"]["joint_accuracy"]
+  assert metrics["finetuned"]["joint_accuracy"] > metrics["pretrained"]["joint_accuracy"]
+  config.eval.weight = -1.0
+  config.eval.method = "cfg_triplets"  # never tuned on this run (not in the comparison test)
+  with pytest.raises(ValueError, match="no tuned weight"):
+    experiment.evaluate(config, workdir)
