@@ -199,7 +199,8 @@ def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
     m = results[v.name]
     spu = m.get("seconds_per_update")
     rows.append("| " + " | ".join([
-        v.name, v.method, str(v.x), f"{m['joint_accuracy']:.3f}", f"{m['digit_accuracy']:.3f}",
+        v.name, v.method, str(v.x).replace("|", "\\|"), f"{m['joint_accuracy']:.3f}",
+        f"{m['digit_accuracy']:.3f}",
         f"{m['frechet_distance']:.3f}", f"{m.get('training_time_s', 0.0):.0f}",
         f"{spu:.2f}" if spu else "—", str(m.get("trainable_params") or "—"), _mib(m),
         _classifier_acc(m)]) + " |")
@@ -244,7 +245,7 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
       ax.legend(fontsize=8)
   elif study == "lora":
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
-    names = [str(v.x) for v in vs]
+    names = [str(v.x).replace(", ", "\n") for v in vs]
     mem = [(results[v.name].get("step_memory_bytes") or {}).get("peak_estimate", 0) / 2**20
            for v in vs]
     for ax, vals, name in (
