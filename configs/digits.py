@@ -115,6 +115,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   s.lora_ranks = (1, 4, 16)     # "lora": LoRA ranks …
   s.full_finetune = True        #   … and full fine-tuning of the UNet (lr_unet, no LoRA)
   s.full_finetune_updates = 0   #   its number of updates (0 = num_updates; an update costs more)
+  s.full_finetune_lr = 1e-5     #   its AdamW lr of the UNet copy (lr_unet; 1e-4 broke the digits
+                                #   within 5 updates)
                                 # "dependent": task inkc, reward p̂(y | x) vs p̂(y | x, c)
   b = c.baselines = ml_collections.ConfigDict()
   b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of

@@ -155,15 +155,21 @@ def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
 
 
-def step_memory(step_fn, *args) -> dict[str, int]:
+def step_memory(step_fn, *args) -> dict[str, float]:
   """XLA's memory plan of the compiled train step (bytes; per device): arguments (params,
   optimiser state, frozen inputs), outputs, and temporaries (activations kept for the
-  backward pass, gradients). A compilation-cache hit when the step already ran."""
-  m = step_fn.lower(*args).compile().memory_analysis()
+  backward pass, gradients); plus "flops", XLA's cost-analysis count of floating-point
+  operations per update (a device-independent cost, next to the measured seconds). A
+  compilation-cache hit when the step already ran."""
+  compiled = step_fn.lower(*args).compile()
+  m = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   return {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
           "temp": int(m.temp_size_in_bytes),
           "peak_estimate": int(m.argument_size_in_bytes + m.output_size_in_bytes
-                               + m.temp_size_in_bytes - m.alias_size_in_bytes)}
+                               + m.temp_size_in_bytes - m.alias_size_in_bytes),
+          "flops": float(cost.get("flops", 0.0))}
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str,

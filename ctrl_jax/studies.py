@@ -60,6 +60,7 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
     if s.full_finetune:
       n = int(s.get("full_finetune_updates", 0)) or int(config.num_updates)
       out.append(Variant("ctrl_full", (("lora_rank", 0), ("full_finetune", True),
+                                       ("lr_unet", float(s.full_finetune_lr)),
                                        ("num_updates", n)), "ctrl",
                          "full" if n == config.num_updates else f"full, {n} updates"))
     return out
@@ -125,7 +126,7 @@ def _ctrl(bench: compare.Bench, vconfig, vdir: str) -> tuple[Any, dict]:
   if os.path.exists(info_path):
     with open(info_path) as f:
       info = json.load(f)
-  if step < vconfig.num_updates or "step_memory_bytes" not in info:
+  if step < vconfig.num_updates or "flops" not in (info.get("step_memory_bytes") or {}):
     params = experiment.finetune(vconfig, vdir, problem, measure_memory=True)["params"]
     with open(info_path) as f:
       info = json.load(f)
@@ -170,7 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
     else:
       raise ValueError(f"variant {v.name}: unknown method {v.method!r}.")
     bench.evaluate(v.name, fn, {**extra, "study_value": v.x, "method": v.method,
-                                "overrides": [list(o) for o in v.overrides]})
+                                "overrides": [list(o) for o in v.overrides]},
+                   compiled=v.method == "cfg_triplets")  # its tuning compiled the sampler
   results = {v.name: bench.results[v.name] for v in vs}
   results["pretrained"] = bench.results["pretrained"]
   write_table(os.path.join(out_dir, "results.md"), study, vs, results)
@@ -183,6 +185,11 @@ def _mib(m: dict) -> str:
   return f"{mem['peak_estimate'] / 2**20:.1f}" if mem else "—"
 
 
+def _gflops(m: dict) -> str:
+  flops = (m.get("step_memory_bytes") or {}).get("flops")
+  return f"{flops / 1e9:.2f}" if flops else "—"
+
+
 def _classifier_acc(m: dict) -> str:
   tasks = m.get("classifier") or {}
   return " / ".join(f"{t['heldout_acc']:.3f}" for t in tasks.values()) or "—"
@@ -190,11 +197,12 @@ def _classifier_acc(m: dict) -> str:
 
 def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
   head = ["variant", "method", "value", "y-acc", "digit acc", "Fréchet", "training s",
-          "s / update", "trainable params", "step memory MiB", "reward classifier held-out acc"]
+          "s / update", "GFLOP / update", "trainable params", "step memory MiB",
+          "reward classifier held-out acc"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   pre = results["pretrained"]
   rows.append(f"| pretrained | — | — | {pre['joint_accuracy']:.3f} | "
-              f"{pre['digit_accuracy']:.3f} | {pre['frechet_distance']:.3f} | 0 | — | 0 | — | — |")
+              f"{pre['digit_accuracy']:.3f} | {pre['frechet_distance']:.3f} | 0 | — | — | 0 | — | — |")
   for v in vs:
     m = results[v.name]
     spu = m.get("seconds_per_update")
@@ -202,7 +210,8 @@ def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
         v.name, v.method, str(v.x).replace("|", "\\|"), f"{m['joint_accuracy']:.3f}",
         f"{m['digit_accuracy']:.3f}",
         f"{m['frechet_distance']:.3f}", f"{m.get('training_time_s', 0.0):.0f}",
-        f"{spu:.2f}" if spu else "—", str(m.get("trainable_params") or "—"), _mib(m),
+        f"{spu:.2f}" if spu else "—", _gflops(m), str(m.get("trainable_params") or "—"),
+        _mib(m),
         _classifier_acc(m)]) + " |")
   text = "\n".join(rows) + "\n"
   with open(path, "w") as f:

@@ -40,6 +40,9 @@ def test_official_configs_carry_the_official_settings():
 
 @pytest.mark.parametrize("task", sorted(CONFIGS))
 def test_tiny_config_end_to_end(task, tmp_path, capsys):
+  """Every SD config at :tiny: its classifiers, CTRL updates, a resume. `multitask` (which
+  uses both rewards, aesthetic and compressibility) goes on through evaluation and export; the
+  single-task configs share that code (they differ in config and label space only)."""
   config = CONFIGS[task].get_config("tiny")
   workdir = str(tmp_path / task)
   applies, params, info, _ = sd_pipeline.ensure_classifiers(config, workdir)
@@ -59,6 +62,8 @@ def test_tiny_config_end_to_end(task, tmp_path, capsys):
   assert second["start_step"] == 2 and "[finetune] resumed from" in capsys.readouterr().out
   losses = [h["loss"] for h in second["history"]]
   assert len(losses) >= 3 and np.isfinite(losses).all()
+  if task != "multitask":
+    return
 
   metrics = experiment.evaluate(config, workdir, second["params"])
   ls = sd_pipeline.label_space(task)

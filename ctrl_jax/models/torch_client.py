@@ -65,13 +65,17 @@ def sample_digits(export_dir: str, c: Sequence[int], y: Sequence[Sequence[int]],
                   unet=None, guidance_scale: Optional[float] = None,
                   eta: Optional[float] = None, num_inference_steps: Optional[int] = None,
                   seed: int = 0, batch_size: int = 1000,
-                  x_T: Optional[np.ndarray] = None) -> np.ndarray:
+                  x_T: Optional[np.ndarray] = None,
+                  noise: Optional[np.ndarray] = None) -> np.ndarray:
   """Samples digits c [N] with control labels y [N, T] by a plain PyTorch DDIM loop.
 
   diffusers' `DDIMScheduler` (from OUT/scheduler), the exported UNet with `class_labels`, and
   classifier-free guidance with the null c token + NULL label as the unconditional branch.
   Defaults (guidance, η, steps) are the ones used in training (ctrl_labels.json).
   x_T: optional initial noise [N, 1, 8, 8] (default: drawn from `seed`).
+  noise: optional per-step noise z_i [num_inference_steps, N, 1, 8, 8] of the η > 0 steps
+    (diffusers' `variance_noise`; default: drawn from `seed`), e.g. the JAX sampler's own, to
+    compare the two samplers sample by sample.
   Returns float32 images [N, 8, 8] in [0, 1].
   """
   import torch  # pylint: disable=g-import-not-at-top
@@ -102,11 +106,17 @@ def sample_digits(export_dir: str, c: Sequence[int], y: Sequence[Sequence[int]],
       scheduler.set_timesteps(steps)
       x = (torch.randn((b, 1, 8, 8), generator=generator) if x_T is None else
            torch.as_tensor(np.asarray(x_T[start:start + batch_size], np.float32)))
-      for t in scheduler.timesteps:
+      if noise is not None and np.shape(noise)[:2] != (len(scheduler.timesteps), len(c)):
+        raise ValueError(f"noise: shape {np.shape(noise)}; expected ({len(scheduler.timesteps)}, "
+                         f"{len(c)}, 1, 8, 8) (steps, samples, ...).")
+      for i, t in enumerate(scheduler.timesteps):
         e_unc, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx,
                           class_labels=cls).sample.chunk(2)
+        z = (None if noise is None else
+             torch.as_tensor(np.asarray(noise[i, start:start + batch_size], np.float32)))
         x = scheduler.step(e_unc + w * (e_c - e_unc), t, x, eta=eta,
-                           generator=generator).prev_sample
+                           generator=generator if z is None else None,
+                           variance_noise=z).prev_sample
       out.append(((x[:, 0] + 1) / 2).clamp(0, 1).numpy())
   return np.concatenate(out).astype(np.float32)
 

@@ -1,0 +1,111 @@
+"""Benchmark: cost of one CTRL update per trainable set (LoRA ranks, full fine-tuning), side by
+side in one process.
+
+  python bench/finetune_cost.py --config=configs/digits.py:ink --workdir=DIR \
+      [--ranks 1,4,16] [--full] [--updates 5] [--out bench/results/finetune_cost.json]
+
+DIR holds the pre-trained model and the classifier (any run of that config; missing stages are
+trained first). For each variant the same train step as `ctrl_jax.experiment.finetune` is
+built; reported: compile time, the median of --updates timed updates (after one warm-up
+update; the same requests every time), XLA's cost-analysis FLOPs per update, XLA's memory plan
+(peak estimate), and the ratio of seconds and of FLOPs to the first variant. The study's
+"s / update" column (`ctrl_jax.studies`, `--study=lora`) is measured during long runs, exposed
+to whatever else the machine did; this one runs the variants back to back.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.compare_timing import _load_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--config", default="configs/digits.py:ink")
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--ranks", default="1,4,16")
+  ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
+  ap.add_argument("--updates", type=int, default=5)
+  ap.add_argument("--out", default="bench/results/finetune_cost.json")
+  args = ap.parse_args()
+  if args.updates < 1:
+    raise SystemExit(f"--updates={args.updates}: expected ≥ 1.")
+
+  from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
+  from ctrl_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from ctrl_jax import train  # pylint: disable=g-import-not-at-top
+  base = _load_config(args.config)
+  variants = [(f"rank {r}", {"lora_rank": int(r), "full_finetune": False})
+              for r in args.ranks.split(",") if r]
+  if args.full:
+    variants.append(("full", {"lora_rank": 0, "full_finetune": True}))
+  mesh = shd.make_mesh()
+  rows = []
+  for name, overrides in variants:
+    config = copy.deepcopy(base)
+    with config.unlocked():
+      config.update(overrides)
+    problem = experiment.build_problem(config, args.workdir)
+    frozen = jax.device_put({**problem.frozen, "hparams": experiment.hparams_of(config)},
+                            shd.replicated(mesh))
+    optimizer = experiment.make_optimizer(config)
+    state = train.create_train_state(problem.params, optimizer, mesh)
+    step_fn = train.make_train_step(problem.setup, optimizer, mesh)
+    micro, num_micro = experiment.batch_arithmetic(config, mesh)
+    batch = jax.device_put(
+        experiment.sample_requests(config.seed, 0, problem.setup.label_space,
+                                   problem.num_prompts, num_micro, micro),
+        shd.data_sharded(mesh, batch_axis=1))
+    key = jax.random.key(config.seed)
+    t0 = time.time()
+    compiled = step_fn.lower(state, batch, key, frozen).compile()
+    compile_s = time.time() - t0
+    plan = experiment.step_memory(step_fn, state, batch, key, frozen)  # a cache hit
+    state, _ = compiled(state, batch, key, frozen)  # warm-up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.updates):
+      t0 = time.time()
+      state, metrics = compiled(state, batch, key, frozen)
+      jax.block_until_ready(metrics)
+      times.append(time.time() - t0)
+    row = {"variant": name, "trainable_params": int(sum(
+               np.size(v) for v in jax.tree_util.tree_leaves(problem.params))),
+           "compile_s": compile_s, "seconds_per_update": statistics.median(times),
+           "gflops_per_update": plan["flops"] / 1e9,
+           "peak_memory_mib": plan["peak_estimate"] / 2**20}
+    rows.append(row)
+    print(f"[bench] {name}: {row['seconds_per_update']:.2f} s/update, "
+          f"{row['gflops_per_update']:.2f} GFLOP, {row['peak_memory_mib']:.0f} MiB", flush=True)
+  first = rows[0]
+  for row in rows:
+    row["time_ratio"] = row["seconds_per_update"] / first["seconds_per_update"]
+    row["flops_ratio"] = row["gflops_per_update"] / max(first["gflops_per_update"], 1e-12)
+  head = ("variant", "trainable params", "compile s", "s / update", "GFLOP / update",
+          "memory MiB (XLA plan)", "time ×", "FLOPs ×")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    lines.append(f"| {r['variant']} | {r['trainable_params']} | {r['compile_s']:.1f} | "
+                 f"{r['seconds_per_update']:.2f} | {r['gflops_per_update']:.2f} | "
+                 f"{r['peak_memory_mib']:.0f} | {r['time_ratio']:.2f} | "
+                 f"{r['flops_ratio']:.2f} |")
+  print("\n".join(lines))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"config": args.config, "updates": args.updates, "rows": rows,
+               "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
+               "cpu_count": os.cpu_count(), "jax": jax.__version__}, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
