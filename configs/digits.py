@@ -129,7 +129,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     c.reward_weights = (1.0, 2.0)  # edge2 counts double (as the official multi-task loss weights
                                    #   its harder task): joint acc 0.850 vs 0.805 with (1, 1)
     c.num_updates = 210            # joint acc 0.912 at 210 updates, 0.850 at 150
-  elif variant == "quick":      # CI-sized: same code path, tiny budgets (~2.5 min on 2 cores)
+  elif variant == "quick":      # CI-sized: same code path, tiny budgets (2:39 cold on 2 cores)
     p.batch_size = 32
     p.num_steps = 300
     p.checkpoint_every = 300

@@ -253,15 +253,17 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
       ax.set_ylabel("y accuracy")
       ax.legend(fontsize=8)
   elif study == "lora":
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, 5, figsize=(16, 3.4))
     names = [str(v.x).replace(", ", "\n") for v in vs]
-    mem = [(results[v.name].get("step_memory_bytes") or {}).get("peak_estimate", 0) / 2**20
-           for v in vs]
+    plan = [results[v.name].get("step_memory_bytes") or {} for v in vs]
     for ax, vals, name in (
         (axes[0], [results[v.name]["joint_accuracy"] for v in vs], "y accuracy"),
         (axes[1], [results[v.name]["digit_accuracy"] for v in vs], "digit accuracy"),
-        (axes[2], [results[v.name].get("seconds_per_update") or 0 for v in vs], "s / update"),
-        (axes[3], mem, "train-step memory (MiB, XLA plan)")):
+        (axes[2], [results[v.name].get("seconds_per_update") or 0 for v in vs],
+         "s / update (in the run)"),
+        (axes[3], [p.get("flops", 0) / 1e9 for p in plan], "GFLOP / update (XLA)"),
+        (axes[4], [p.get("peak_estimate", 0) / 2**20 for p in plan],
+         "train-step memory (MiB, XLA plan)")):
       ax.bar(names, vals)
       ax.set_title(name, fontsize=9)
   elif study == "dependent":
