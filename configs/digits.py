@@ -65,7 +65,10 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.truncation_k = 2            # K for "last_k"
   c.remat_policy = ""           # jax.checkpoint policy per UNet call ("" = off: 8×8 fits easily)
   c.reference_grad = False      # differentiate through the reference model's input too (the
-                                #   official code does; here it made an update 1.5× slower)
+                                #   official code does; here it made an update 1.6× slower and
+                                #   `ink` would pass 10 min). False is a biased KL gradient: once
+                                #   the reward saturates the KL can grow instead of shrink (it
+                                #   wrecked the digits on inkc; README, study 4)
   c.lora_rank = 4               # LoRA rank on attention q/k/v/out (0 = label embedding only)
   c.full_finetune = False       # also train a copy of the whole UNet (lr_unet); the reference
                                 #   model stays the frozen pre-trained UNet
@@ -118,6 +121,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   s.full_finetune_lr = 1e-5     #   its AdamW lr of the UNet copy (lr_unet; 1e-4 broke the digits
                                 #   within 5 updates)
                                 # "dependent": task inkc, reward p̂(y | x) vs p̂(y | x, c)
+  s.dependent_reference_grad = True  # … with the exact KL gradient: with False (the default
+                                #   above) both inkc runs diverged once the reward saturated
   b = c.baselines = ml_collections.ConfigDict()
   b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of
                                 #   ctrl_jax.cfg_triplets.default_cfg_config() (1000 steps, …)

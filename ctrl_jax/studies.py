@@ -65,8 +65,9 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
                          "full" if n == config.num_updates else f"full, {n} updates"))
     return out
   if study == "dependent":
-    return [Variant(f"ctrl_{name}", (("task", "inkc"), ("classifier.use_digit", aware)), "ctrl",
-                    label) for name, aware, label in (("blind", False, "p̂(y | x)"),
+    exact = ("reference_grad", bool(s.get("dependent_reference_grad", True)))
+    return [Variant(f"ctrl_{name}", (("task", "inkc"), ("classifier.use_digit", aware), exact),
+                    "ctrl", label) for name, aware, label in (("blind", False, "p̂(y | x)"),
                                                        ("aware", True, "p̂(y | x, c)"))]
   raise ValueError(f"--study={study!r}; expected one of {STUDIES}.")
 

@@ -274,6 +274,10 @@ def test_study_variants_and_overrides():
   assert studies.is_base(config, studies.variants(config, "lora")[1].overrides)
   labels = studies.variants(config, "labels")
   assert [v.x for v in labels if v.method == "cfg_triplets"] == [50, 100, 300, 1000]
+  dep = [studies.variant_config(config, v.overrides) for v in studies.variants(config, "dependent")]
+  assert [(d.task, d.classifier.use_digit, d.reference_grad) for d in dep] == [
+      ("inkc", False, True), ("inkc", True, True)]  # the exact KL gradient (README, study 4)
+  assert not config.reference_grad
   with pytest.raises(ValueError, match="no such field"):
     studies.variant_config(config, (("classifier.nonexistent", 1),))
   with pytest.raises(ValueError, match="--study="):
