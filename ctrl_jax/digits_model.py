@@ -9,7 +9,7 @@ Params: {"unet": UNet params, "c_table": float32 [num_classes + 1, 1, D]}.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -102,11 +102,13 @@ def make_pretrain_step(unet, schedule: schedules.Schedule, optimizer, mesh, p_un
 
 
 def pretrain(config: ml_collections.ConfigDict, x_train: np.ndarray, c_train: np.ndarray,
-             workdir: str) -> tuple[Any, dict]:
+             workdir: str, on_running: Optional[Callable[[], None]] = None
+             ) -> tuple[Any, dict]:
   """Trains (or resumes training) p(x | c) on the train split; returns (unet, EMA params).
 
   config: the `pretrain` sub-config (configs/digits.py). Batches are drawn with replacement by
-  `default_rng([seed, step])`, so the run is resumable and reproducible.
+  `default_rng([seed, step])`, so the run is resumable and reproducible. `on_running`: see
+  `loop.run`.
   """
   if not 0 <= config.warmup_steps < config.num_steps:
     raise ValueError(f"config.pretrain.num_steps={config.num_steps} must exceed "
@@ -134,7 +136,7 @@ def pretrain(config: ml_collections.ConfigDict, x_train: np.ndarray, c_train: np
 
   state, _, _ = loop.run("pretrain", workdir, state, step_fn, batch_fn,
                          config.num_steps, log_every=config.log_every,
-                         checkpoint_every=config.checkpoint_every)
+                         checkpoint_every=config.checkpoint_every, on_running=on_running)
   return unet, jax.device_get(state["ema"])
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +75,11 @@ def pretrained_target(config: ml_collections.ConfigDict):
   return unet, abstract
 
 
-def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict, dict]:
-  """Pre-trains p(x | c) unless DIR/pretrain/info.json exists; returns (unet, params, info)."""
+def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str,
+                      on_running: Optional[Callable[[], None]] = None
+                      ) -> tuple[Any, dict, dict]:
+  """Pre-trains p(x | c) unless DIR/pretrain/info.json exists; returns (unet, params, info).
+  `on_running`: see `loop.run` (not called when nothing is trained)."""
   stage_dir = os.path.join(workdir, "pretrain")
   info_path = os.path.join(stage_dir, "info.json")
   unet, abstract = pretrained_target(config)
@@ -88,7 +91,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> tuple[
   t0 = time.time()
   splits = digits.load_splits()
   unet, params = digits_model.pretrain(config.pretrain, splits["x_train"], splits["c_train"],
-                                       workdir)
+                                       workdir, on_running)
   final = os.path.join(stage_dir, "final")
   if os.path.exists(final):  # a crash between the save and the marker: rewrite it
     import shutil  # pylint: disable=g-import-not-at-top
@@ -108,6 +111,16 @@ def classifier_modules(task: str, use_digit: bool = False) -> list:
   return [digits.classifier_for(name, use_digit) for name in digits.task_names(task)]
 
 
+def classifier_target(config: ml_collections.ConfigDict) -> tuple[list, list]:
+  """(modules, abstract params per module) of the reward classifiers config describes."""
+  use_digit = bool(config.classifier.get("use_digit", False))
+  modules = classifier_modules(config.task, use_digit)
+  cond = (jnp.zeros((1,), jnp.int32),) if use_digit else ()
+  abstract = [jax.eval_shape(lambda m=m: m.init(jax.random.key(0), jnp.zeros((1, 8, 8)), *cond))
+              for m in modules]
+  return modules, abstract
+
+
 def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
                        ) -> tuple[digits.LabelRule, list, list, dict]:
   """Fits p̂(y_t | x) for each task name unless DIR/classifier/info.json exists.
@@ -121,10 +134,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
   stage_dir = os.path.join(workdir, "classifier")
   info_path = os.path.join(stage_dir, "info.json")
   use_digit = bool(config.classifier.get("use_digit", False))
-  modules = classifier_modules(config.task, use_digit)
-  cond = (jnp.zeros((1,), jnp.int32),) if use_digit else ()
-  abstract = [jax.eval_shape(lambda m=m: m.init(jax.random.key(0), jnp.zeros((1, 8, 8)), *cond))
-              for m in modules]
+  modules, abstract = classifier_target(config)
   wanted = {**_config_dict(config.classifier), "task": config.task}
   if os.path.exists(info_path):
     info = _read_json(info_path)
@@ -191,18 +201,53 @@ def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlS
       reference_grad=config.reference_grad)
 
 
-def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment.Problem:
-  """Runs the missing stages, then returns the CTRL problem on the pre-trained digits model."""
-  unet, pre, pre_info = ensure_pretrained(config, workdir)
-  _, modules, cls_params, cls_info = ensure_classifiers(config, workdir)
-  setup = build_setup(config, unet, modules)
+def _assemble(config: ml_collections.ConfigDict, setup: train.CtrlSetup, pre: dict,
+              cls_params: list) -> tuple[dict, dict]:
+  """(frozen inputs, initial trainable params) from the pre-trained and classifier params; the
+  one place both `build_problem` and `abstract_problem` make them (same structure, dtypes)."""
   ctx, null_ctx = digits_model.contexts(pre)
   frozen = {"unet": pre["unet"], "reward": list(cls_params), "decoder": None,
             "contexts": ctx, "uncond_context": null_ctx,
             "schedule": digits_model.make_schedule(config.pretrain)}
   params = train.init_trainable(setup, jax.random.key(config.seed), pre["unet"],
                                 full_finetune=config.get("full_finetune", False))
+  return frozen, params
+
+
+def build_problem(config: ml_collections.ConfigDict, workdir: str,
+                  setup: train.CtrlSetup | None = None,
+                  on_running: Optional[Callable[[], None]] = None) -> experiment.Problem:
+  """Runs the missing stages, then returns the CTRL problem on the pre-trained digits model.
+
+  `setup` (from `abstract_problem(config).setup`) is used instead of building an equal one, so
+  a train step jitted on it before the stages ran is the one that trains. `on_running()` is
+  called once: when pre-training's first step has run, or at once if there is none to run.
+  """
+  called = []
+
+  def once():
+    if on_running is not None and not called:
+      called.append(True)
+      on_running()
+
+  unet, pre, pre_info = ensure_pretrained(config, workdir, once)
+  once()
+  _, modules, cls_params, cls_info = ensure_classifiers(config, workdir)
+  setup = setup or build_setup(config, unet, modules)
+  frozen, params = _assemble(config, setup, pre, cls_params)
   return experiment.Problem(setup=setup, frozen=frozen, params=params,
                             num_prompts=digits_model.NUM_DIGITS,
                             info={"pretrain": pre_info, "classifier": cls_info})
 
+
+def abstract_problem(config: ml_collections.ConfigDict) -> experiment.Problem:
+  """The problem `build_problem` will return, from the config alone: the real setup, frozen
+  inputs and params as `jax.ShapeDtypeStruct`s. No stage runs and nothing is read from disk,
+  so the train step can be compiled while pre-training runs (`experiment.finetune`)."""
+  unet, abstract_pre = pretrained_target(config)
+  modules, abstract_cls = classifier_target(config)
+  setup = build_setup(config, unet, modules)
+  frozen, params = jax.eval_shape(lambda pre, cls: _assemble(config, setup, pre, cls),
+                                  abstract_pre, abstract_cls)
+  return experiment.Problem(setup=setup, frozen=frozen, params=params,
+                            num_prompts=digits_model.NUM_DIGITS)

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ctrl_jax import background_compile
 from ctrl_jax import checkpoint
 from ctrl_jax import loop
 from ctrl_jax import rewards
@@ -55,9 +56,15 @@ def _build_tiny(config: ml_collections.ConfigDict, workdir: str) -> Problem:
   return Problem(setup=setup, frozen=frozen, params=params, num_prompts=config.num_prompts)
 
 
-def _build_digits(config: ml_collections.ConfigDict, workdir: str) -> Problem:
+def _build_digits(config: ml_collections.ConfigDict, workdir: str, setup=None,
+                  on_running=None) -> Problem:
   from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top  (imports us)
-  return digits_pipeline.build_problem(config, workdir)
+  return digits_pipeline.build_problem(config, workdir, setup=setup, on_running=on_running)
+
+
+def _abstract_digits(config: ml_collections.ConfigDict) -> Problem:
+  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top  (imports us)
+  return digits_pipeline.abstract_problem(config)
 
 
 def _build_sd(config: ml_collections.ConfigDict, workdir: str) -> Problem:
@@ -69,6 +76,14 @@ PROBLEM_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str], Problem]]
     "tiny": _build_tiny,
     "digits": _build_digits,
     "sd": _build_sd,
+}
+
+
+# Problems whose train step can be compiled before their builder runs: config → the Problem
+# the builder will return, with ShapeDtypeStruct frozen / params. Their builder takes `setup=`
+# (use this one) and `on_running=` (call it once, when its slow work is under way).
+ABSTRACT_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Problem]] = {
+    "digits": _abstract_digits,
 }
 
 
@@ -155,6 +170,20 @@ def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
 
 
+def abstract_batch(label_space: rewards.LabelSpace, num_micro: int, micro: int,
+                   sharding) -> dict:
+  """ShapeDtypeStructs of `sample_requests(...)` placed with `sharding`."""
+  return {"prompt": jax.ShapeDtypeStruct((num_micro, micro), np.int32, sharding=sharding),
+          "y": jax.ShapeDtypeStruct((num_micro, micro, len(label_space.task_names)), np.int32,
+                                    sharding=sharding)}
+
+
+def _abstract_state(abstract_params: dict, optimizer, sharding) -> dict:
+  """ShapeDtypeStructs of `train.create_train_state(params, optimizer, mesh)`."""
+  return background_compile.abstract_like(
+      jax.eval_shape(lambda p: train.create_train_state(p, optimizer), abstract_params), sharding)
+
+
 def step_memory(step_fn, *args) -> dict[str, float]:
   """XLA's memory plan of the compiled train step (bytes; per device): arguments (params,
   optimiser state, frozen inputs), outputs, and temporaries (activations kept for the
@@ -184,19 +213,47 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   """
   mesh = shd.make_mesh()
   validate_config(config, mesh)
-  problem = problem or build_problem(config, workdir)
+  optimizer = make_optimizer(config)
+  micro, num_micro = batch_arithmetic(config, mesh)
+  repl = shd.replicated(mesh)
+  batch_sharding = shd.data_sharded(mesh, batch_axis=1)
+  key = jax.device_put(jax.random.key(config.seed), repl)
+  background = None
+  finished = os.path.isdir(os.path.join(workdir, "finetune", "ckpt", str(config.num_updates)))
+  if (problem is None and config.problem in ABSTRACT_BUILDERS and not finished
+      and config.get("background_compile", True)):
+    # Compile the train step from shapes while the earlier stages (pre-training, classifier)
+    # run; the builder then uses the same setup, so the first update reuses the executable.
+    # Started once pre-training's own step has compiled, not to slow that compilation down.
+    abstract = ABSTRACT_BUILDERS[config.problem](config)
+    step_fn = train.make_train_step(abstract.setup, optimizer, mesh)
+    started = []
+
+    def start_compiling():
+      started.append(background_compile.BackgroundCompile(
+          step_fn, _abstract_state(abstract.params, optimizer, repl),
+          abstract_batch(abstract.setup.label_space, num_micro, micro, batch_sharding),
+          background_compile.abstract_like(key, repl),
+          background_compile.abstract_like({**abstract.frozen, "hparams": hparams_of(config)},
+                                           repl), name="train_step"))
+
+    problem = PROBLEM_BUILDERS[config.problem](config, workdir, setup=abstract.setup,
+                                               on_running=start_compiling)
+    if not started:
+      start_compiling()
+    background = started[0]
+  else:
+    problem = problem or build_problem(config, workdir)
+    step_fn = train.make_train_step(problem.setup, optimizer, mesh)
   t_start = time.time()
   setup = problem.setup
-  frozen = jax.device_put({**problem.frozen, "hparams": hparams_of(config)},
-                          shd.replicated(mesh))
-  optimizer = make_optimizer(config)
+  frozen = jax.device_put({**problem.frozen, "hparams": hparams_of(config)}, repl)
   state = train.create_train_state(problem.params, optimizer, mesh)
-  step_fn = train.make_train_step(setup, optimizer, mesh)
-  key = jax.random.key(config.seed)
-
-  micro, num_micro = batch_arithmetic(config, mesh)
-
-  batch_sharding = shd.data_sharded(mesh, batch_axis=1)
+  if background is not None and not background.done():
+    print("[finetune] waiting for the train step's background compilation", flush=True)
+  if background is not None and background.wait().error:
+    print(f"[finetune] background compilation failed; compiling now:\n{background.error}",
+          flush=True)
 
   def batch_fn(step):
     # Placed explicitly: a multi-process jit refuses numpy inputs with non-trivial shardings
@@ -205,9 +262,15 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
                                           problem.num_prompts, num_micro, micro), batch_sharding)
 
   calls = []  # host time after each call: the first includes compilation
+  first_call_compiles = []
 
   def timed_step(s, b):
-    out = step_fn(s, b, key, frozen)
+    if calls:
+      out = step_fn(s, b, key, frozen)
+    else:
+      with background_compile.count_compiles("train_step") as n:
+        out = step_fn(s, b, key, frozen)
+      first_call_compiles.append(n[0])
     calls.append(time.time())
     return out
 
@@ -222,7 +285,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
           "seconds_per_update": ((t_end - calls[0]) / (len(calls) - 1)
                                  if len(calls) > 1 else None),
           "trainable_params": int(sum(np.size(v) for v in
-                                      jax.tree_util.tree_leaves(problem.params)))}
+                                      jax.tree_util.tree_leaves(problem.params))),
+          # the train step compiled on a background thread during the earlier stages (s), and
+          # whether the first update had to compile it again (it should not)
+          "background_compile_s": background.seconds if background else None,
+          "first_update_compiled": (bool(first_call_compiles[0]) if first_call_compiles
+                                    else None)}
   if measure_memory:
     info["step_memory_bytes"] = step_memory(step_fn, state, batch_fn(0), key, frozen)
   info_path = os.path.join(workdir, "finetune", "info.json")

@@ -20,11 +20,14 @@ from ctrl_jax import progress
 def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
         batch_fn: Callable[[int], Any], num_steps: int, *, log_every: int,
         checkpoint_every: int, max_checkpoints: Optional[int] = 3,
-        shown: Sequence[str] = ("loss",)) -> tuple[Any, list[dict], int]:
+        shown: Sequence[str] = ("loss",),
+        on_running: Optional[Callable[[], None]] = None) -> tuple[Any, list[dict], int]:
   """Runs (or resumes) `state = step_fn(state, batch_fn(step))` for steps [start, num_steps).
 
   Checkpoints go to `workdir/<stage>/ckpt/<step>`, scalars to `workdir/<stage>.jsonl` and
   `workdir/tb/<stage>`. A non-finite loss stops the run with the last good checkpoint named.
+  `on_running()` is called once the first step has run (compiled, metrics fetched): the moment
+  to start background work that should not compete with this stage's compilation.
   Returns (final state, logged history, step the run started from).
   """
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, stage, "ckpt"),
@@ -47,6 +50,8 @@ def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tupl
                                    f"checkpoint: {ckpt.latest_step()} in {ckpt.directory}.")
         writer.write(done, host)
         bar.update(done, {k: host[k] for k in shown if k in host})
+      if step == start and on_running is not None:
+        on_running()
       if done % checkpoint_every == 0 or done == num_steps:
         ckpt.save(done, state)
   finally:
