@@ -14,9 +14,7 @@ to whatever else the machine did; this one runs the variants back to back.
 """
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +23,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench import report  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench.compare_timing import _load_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -90,21 +89,15 @@ def main():
   for row in rows:
     row["time_ratio"] = row["seconds_per_update"] / first["seconds_per_update"]
     row["flops_ratio"] = row["gflops_per_update"] / max(first["gflops_per_update"], 1e-12)
-  head = ("variant", "trainable params", "compile s", "s / update", "GFLOP / update",
-          "memory MiB (XLA plan)", "time ×", "FLOPs ×")
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for r in rows:
-    lines.append(f"| {r['variant']} | {r['trainable_params']} | {r['compile_s']:.1f} | "
-                 f"{r['seconds_per_update']:.2f} | {r['gflops_per_update']:.2f} | "
-                 f"{r['peak_memory_mib']:.0f} | {r['time_ratio']:.2f} | "
-                 f"{r['flops_ratio']:.2f} |")
-  print("\n".join(lines))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"config": args.config, "updates": args.updates, "rows": rows,
-               "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
-               "cpu_count": os.cpu_count(), "jax": jax.__version__}, f, indent=2)
-  print(f"wrote {args.out}")
+  report.print_table(
+      ("variant", "trainable params", "compile s", "s / update", "GFLOP / update",
+       "memory MiB (XLA plan)", "time ×", "FLOPs ×"),
+      [[r["variant"], str(r["trainable_params"]), f"{r['compile_s']:.1f}",
+        f"{r['seconds_per_update']:.2f}", f"{r['gflops_per_update']:.2f}",
+        f"{r['peak_memory_mib']:.0f}", f"{r['time_ratio']:.2f}", f"{r['flops_ratio']:.2f}"]
+       for r in rows])
+  report.write_json(args.out, {"config": args.config, "updates": args.updates, "rows": rows,
+                               "devices": [str(d) for d in jax.devices()], "jax": jax.__version__})
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def make_optimizer(config: ml_collections.ConfigDict):
   return train.make_optimizer(
       lr_lora=config.lr_lora, lr_label_embedding=config.lr_label_embedding,
       lr_unet=config.get("lr_unet", 0.0), weight_decay=config.weight_decay,
-      grad_clip_norm=config.grad_clip_norm)
+      grad_clip_norm=config.grad_clip_norm, lr_schedule=config.get("lr_schedule", "constant"),
+      num_updates=config.num_updates, lr_final_fraction=config.get("lr_final_fraction", 1.0))
 
 
 def load_finetuned(config: ml_collections.ConfigDict, workdir: str,

@@ -188,11 +188,26 @@ def mask_null_label_gradient() -> optax.GradientTransformation:
 
 def make_optimizer(lr_lora: float, lr_label_embedding: float, lr_unet: float = 0.0,
                    weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, grad_clip_norm: float = 5.0) -> optax.GradientTransformation:
-  """AdamW with one learning rate per parameter group, global-norm clipping (official §6)."""
+                   eps: float = 1e-8, grad_clip_norm: float = 5.0, lr_schedule: str = "constant",
+                   num_updates: int = 0, lr_final_fraction: float = 1.0
+                   ) -> optax.GradientTransformation:
+  """AdamW with one learning rate per parameter group, global-norm clipping (official §6).
+
+  lr_schedule: "constant" (official), or "cosine": every group's lr decays from its value to
+  `lr_final_fraction` × it over `num_updates` updates (a less noisy last iterate).
+  """
+  if lr_schedule == "constant":
+    schedule = lambda lr: lr  # noqa: E731
+  elif lr_schedule == "cosine":
+    if num_updates < 1 or not 0.0 <= lr_final_fraction <= 1.0:
+      raise ValueError(f"lr_schedule='cosine' needs num_updates ≥ 1 (got {num_updates}) and "
+                       f"0 ≤ lr_final_fraction ≤ 1 (got {lr_final_fraction}).")
+    schedule = lambda lr: optax.cosine_decay_schedule(lr, num_updates, lr_final_fraction)  # noqa: E731
+  else:
+    raise ValueError(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'.")
 
   def adamw(lr):
-    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.adamw(schedule(lr), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
   return optax.chain(
       mask_null_label_gradient(),

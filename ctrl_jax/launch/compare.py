@@ -6,8 +6,13 @@ and one image grid per method in DIR/compare/. Runs the missing stages first.
 
 Methods already in DIR/compare/results.json are kept (rerun = resume).
 """
-from ctrl_jax import compare
-from ctrl_jax.launch import common
+from ctrl_jax import hugepages
+
+if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
+  hugepages.reexec_with_hugepages()
+
+from ctrl_jax import compare  # noqa: E402
+from ctrl_jax.launch import common  # noqa: E402
 
 if __name__ == "__main__":
   common.run(compare.run)

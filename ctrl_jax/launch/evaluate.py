@@ -3,8 +3,13 @@ model, judges them, writes DIR/eval/ (samples.npz, metrics.json, summary.md, PNG
 
   python -m ctrl_jax.launch.evaluate --config=configs/digits.py --workdir=runs/digits
 """
-from ctrl_jax import experiment
-from ctrl_jax.launch import common
+from ctrl_jax import hugepages
+
+if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
+  hugepages.reexec_with_hugepages()
+
+from ctrl_jax import experiment  # noqa: E402
+from ctrl_jax.launch import common  # noqa: E402
 
 if __name__ == "__main__":
   common.run(experiment.evaluate)

@@ -3,10 +3,15 @@
   python -m ctrl_jax.launch.export --config=configs/digits.py --workdir=runs/digits \
       --out=runs/digits_torch [--lora_only]
 """
-from absl import flags
+from ctrl_jax import hugepages
 
-from ctrl_jax import export
-from ctrl_jax.launch import common
+if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
+  hugepages.reexec_with_hugepages()
+
+from absl import flags  # noqa: E402
+
+from ctrl_jax import export  # noqa: E402
+from ctrl_jax.launch import common  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (created; an earlier export is replaced).")
 _LORA_ONLY = flags.DEFINE_bool(

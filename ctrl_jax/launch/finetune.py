@@ -5,8 +5,13 @@
 
 Rerunning the same command resumes from the last checkpoint in --workdir.
 """
-from ctrl_jax import experiment
-from ctrl_jax.launch import common
+from ctrl_jax import hugepages
+
+if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
+  hugepages.reexec_with_hugepages()
+
+from ctrl_jax import experiment  # noqa: E402
+from ctrl_jax.launch import common  # noqa: E402
 
 
 def finetune_and_evaluate(config, workdir):

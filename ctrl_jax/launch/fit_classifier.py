@@ -5,7 +5,12 @@
 
 Reuses DIR/classifier when it is complete (a different classifier config is refused).
 """
-from ctrl_jax.launch import common
+from ctrl_jax import hugepages
+
+if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
+  hugepages.reexec_with_hugepages()
+
+from ctrl_jax.launch import common  # noqa: E402
 
 
 def fit_classifier(config, workdir):

@@ -8,10 +8,15 @@ results.json, results.md, a plot and one image grid per variant in DIR/studies/<
 
 Variants already in results.json are kept, and each variant's training resumes (rerun = resume).
 """
-from absl import flags
+from ctrl_jax import hugepages
 
-from ctrl_jax import studies
-from ctrl_jax.launch import common
+if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
+  hugepages.reexec_with_hugepages()
+
+from absl import flags  # noqa: E402
+
+from ctrl_jax import studies  # noqa: E402
+from ctrl_jax.launch import common  # noqa: E402
 
 _STUDY = flags.DEFINE_enum("study", None, list(studies.STUDIES), "Which study to run.")
 flags.mark_flag_as_required("study")
