@@ -11,7 +11,6 @@ seconds per 100 samples and as a ratio to unguided sampling. The comparison's ow
 "s / 100 samples" column is measured in its (long) run and is exposed to whatever else the
 machine did meanwhile; this one runs every method back to back.
 """
-import argparse
 import json
 import os
 import platform
@@ -23,30 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-
-
-def _load_config(spec: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench import report  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--config", default="configs/digits.py:ink")
-  ap.add_argument("--workdir", required=True)
+  ap = report.workdir_parser("compare_timing")
   ap.add_argument("--batch", type=int, default=300)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--out", default="bench/results/compare_timing.json")
   args = ap.parse_args()
 
   from ctrl_jax import compare  # pylint: disable=g-import-not-at-top
   from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
-  config = _load_config(args.config)
+  config = report.load_config(args.config)
   results_path = os.path.join(args.workdir, "compare", "results.json")
   if not os.path.exists(results_path):
     raise SystemExit(f"{results_path} not found: run `python -m ctrl_jax.launch.compare "

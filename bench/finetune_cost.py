@@ -24,17 +24,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench import report  # noqa: E402  pylint: disable=g-import-not-at-top
-from bench.compare_timing import _load_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--config", default="configs/digits.py:ink")
-  ap.add_argument("--workdir", required=True)
+  ap = report.workdir_parser("finetune_cost")
   ap.add_argument("--ranks", default="1,4,16")
   ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
   ap.add_argument("--updates", type=int, default=5)
-  ap.add_argument("--out", default="bench/results/finetune_cost.json")
   args = ap.parse_args()
   if args.updates < 1:
     raise SystemExit(f"--updates={args.updates}: expected ≥ 1.")
@@ -42,7 +38,7 @@ def main():
   from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
   from ctrl_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   from ctrl_jax import train  # pylint: disable=g-import-not-at-top
-  base = _load_config(args.config)
+  base = report.load_config(args.config)
   variants = [(f"rank {r}", {"lora_rank": int(r), "full_finetune": False})
               for r in args.ranks.split(",") if r]
   if args.full:

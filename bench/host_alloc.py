@@ -52,14 +52,13 @@ def child(config_spec, workdir, overrides, steps):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from bench.compare_timing import _load_config  # pylint: disable=g-import-not-at-top
   from ctrl_jax import digits  # pylint: disable=g-import-not-at-top
   from ctrl_jax import digits_model  # pylint: disable=g-import-not-at-top
   from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
   from ctrl_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   from ctrl_jax import train  # pylint: disable=g-import-not-at-top
   from ctrl_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  config = _load_config(config_spec)
+  config = report.load_config(config_spec)
   with config.unlocked():
     config.update(overrides)
   mesh = shd.make_mesh()
@@ -115,12 +114,9 @@ def child(config_spec, workdir, overrides, steps):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--config", default="configs/digits.py:ink")
-  ap.add_argument("--workdir", required=True)
+  ap = report.workdir_parser("host_alloc")
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--steps", type=int, default=8)
-  ap.add_argument("--out", default="bench/results/host_alloc.json")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
@@ -129,8 +125,7 @@ def main():
   if args.repeats < 1 or args.steps < 1:
     raise SystemExit(f"--repeats={args.repeats}, --steps={args.steps}: expected ≥ 1.")
   from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
-  from bench.compare_timing import _load_config  # pylint: disable=g-import-not-at-top
-  digits_pipeline.build_problem(_load_config(args.config), args.workdir)  # trains what is missing
+  digits_pipeline.build_problem(report.load_config(args.config), args.workdir)  # trains what is missing
   runs = {name: [] for name in VARIANTS}
   base_env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",
                                                                "CTRL_JAX_HUGEPAGES")}

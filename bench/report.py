@@ -1,7 +1,36 @@
-"""What the benchmarks share: a markdown table on stdout and a JSON file of the results."""
+"""What the benchmarks share: the --config/--workdir/--out arguments, a markdown table on
+stdout and a JSON file of the results."""
+import argparse
+import importlib.util
 import json
 import os
 import platform
+import sys
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def workdir_parser(name: str, description: str = "") -> argparse.ArgumentParser:
+  """A parser with the arguments of the benchmarks that run on a digits workdir: --config
+  (configs/FILE.py[:variant]), --workdir (required) and --out (bench/results/NAME.json)."""
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--config", default="configs/digits.py:ink",
+                  help="configs/FILE.py[:variant]")
+  ap.add_argument("--workdir", required=True, help="the run's directory")
+  ap.add_argument("--out", default=f"bench/results/{name}.json", help="results JSON")
+  return ap
+
+
+def load_config(spec: str):
+  """The ConfigDict of "path/to/config.py[:variant]" (as absl's config flag reads it)."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise SystemExit(f"--config={spec!r}: no config file {path!r}.")
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def print_table(head: tuple[str, ...], rows: list[list[str]]) -> None:

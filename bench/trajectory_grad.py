@@ -18,11 +18,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ctrl_jax import sampling
 from ctrl_jax import schedules
-from ctrl_jax import tiny_problem
 from ctrl_jax.models import augmented
 from ctrl_jax.models import unet as unet_lib
 

@@ -82,6 +82,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
                                 #   1e-2 (sessions 6–7): seed 0 ink3 0.981 digit acc 0.974, seed 1
                                 #   0.899 / 0.905 (a noisy last iterate); cosine at those lrs:
                                 #   0.931 / 0.999 and 0.933 / 0.998; cosine at 1.5×: 0.967 / 0.988
+  c.lr_warmup_steps = 0         # linear lr warm-up over the first n updates (0 = none)
   c.weight_decay = 0.0          # AdamW decoupled weight decay
   c.grad_clip_norm = 5.0        # global-norm clip
   c.micro_batch = 16            # trajectories per micro-batch (divisible by #devices)

@@ -43,6 +43,21 @@ class Checkpointer:
     self._manager.close()
 
 
+def latest_step(directory: str) -> Optional[int]:
+  """The latest finished checkpoint step under `directory` (None: no directory, or nothing
+  finished in it), read without creating anything."""
+  if "://" not in directory:
+    if not os.path.isdir(directory):
+      return None
+    directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def save_tree(path: str, tree: Any) -> None:
   """Saves a pytree of arrays to `path` (an orbax directory; must not exist yet)."""
   with ocp.StandardCheckpointer() as ckptr:

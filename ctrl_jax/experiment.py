@@ -153,7 +153,8 @@ def make_optimizer(config: ml_collections.ConfigDict):
       lr_lora=config.lr_lora, lr_label_embedding=config.lr_label_embedding,
       lr_unet=config.get("lr_unet", 0.0), weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm, lr_schedule=config.get("lr_schedule", "constant"),
-      num_updates=config.num_updates, lr_final_fraction=config.get("lr_final_fraction", 1.0))
+      num_updates=config.num_updates, lr_final_fraction=config.get("lr_final_fraction", 1.0),
+      lr_warmup_steps=config.get("lr_warmup_steps", 0))
 
 
 def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
@@ -173,10 +174,11 @@ def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
 
 def abstract_batch(label_space: rewards.LabelSpace, num_micro: int, micro: int,
                    sharding) -> dict:
-  """ShapeDtypeStructs of `sample_requests(...)` placed with `sharding`."""
-  return {"prompt": jax.ShapeDtypeStruct((num_micro, micro), np.int32, sharding=sharding),
-          "y": jax.ShapeDtypeStruct((num_micro, micro, len(label_space.task_names)), np.int32,
-                                    sharding=sharding)}
+  """ShapeDtypeStructs of `sample_requests(...)` placed with `sharding` (shapes and dtypes
+  taken from a real, cheap, host-side batch, so they cannot drift from it)."""
+  example = sample_requests(0, 0, label_space, 1, num_micro, micro)
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), example)
 
 
 def _abstract_state(abstract_params: dict, optimizer, sharding) -> dict:
@@ -220,7 +222,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = shd.data_sharded(mesh, batch_axis=1)
   key = jax.device_put(jax.random.key(config.seed), repl)
   background = None
-  finished = os.path.isdir(os.path.join(workdir, "finetune", "ckpt", str(config.num_updates)))
+  finished = checkpoint.latest_step(
+      os.path.join(workdir, "finetune", "ckpt")) == config.num_updates
   if (problem is None and config.problem in ABSTRACT_BUILDERS and not finished
       and config.get("background_compile", True)):
     # Compile the train step from shapes while the earlier stages (pre-training, classifier)

@@ -189,22 +189,33 @@ def mask_null_label_gradient() -> optax.GradientTransformation:
 def make_optimizer(lr_lora: float, lr_label_embedding: float, lr_unet: float = 0.0,
                    weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, grad_clip_norm: float = 5.0, lr_schedule: str = "constant",
-                   num_updates: int = 0, lr_final_fraction: float = 1.0
-                   ) -> optax.GradientTransformation:
+                   num_updates: int = 0, lr_final_fraction: float = 1.0,
+                   lr_warmup_steps: int = 0) -> optax.GradientTransformation:
   """AdamW with one learning rate per parameter group, global-norm clipping (official §6).
 
   lr_schedule: "constant" (official), or "cosine": every group's lr decays from its value to
-  `lr_final_fraction` × it over `num_updates` updates (a less noisy last iterate).
+  `lr_final_fraction` × it over the updates after the warm-up (a less noisy last iterate).
+  lr_warmup_steps: the first n updates use lr · (k + 1) / n at update k (0 = none): Adam's
+  first steps are full-sized whatever the gradient's scale.
   """
+  warmup = int(lr_warmup_steps)
+  if warmup < 0 or (lr_schedule == "cosine" and warmup >= num_updates):
+    raise ValueError(f"lr_warmup_steps={lr_warmup_steps}: expected ≥ 0 (and < num_updates="
+                     f"{num_updates} with a cosine schedule).")
   if lr_schedule == "constant":
-    schedule = lambda lr: lr  # noqa: E731
+    main = optax.constant_schedule
   elif lr_schedule == "cosine":
     if num_updates < 1 or not 0.0 <= lr_final_fraction <= 1.0:
       raise ValueError(f"lr_schedule='cosine' needs num_updates ≥ 1 (got {num_updates}) and "
                        f"0 ≤ lr_final_fraction ≤ 1 (got {lr_final_fraction}).")
-    schedule = lambda lr: optax.cosine_decay_schedule(lr, num_updates, lr_final_fraction)  # noqa: E731
+    main = lambda lr: optax.cosine_decay_schedule(lr, num_updates - warmup, lr_final_fraction)  # noqa: E731
   else:
     raise ValueError(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'.")
+
+  def schedule(lr):
+    if not warmup:
+      return main(lr)
+    return optax.join_schedules([lambda n: lr * (n + 1) / warmup, main(lr)], [warmup])
 
   def adamw(lr):
     return optax.adamw(schedule(lr), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)

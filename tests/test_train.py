@@ -122,21 +122,29 @@ def test_reward_goes_up_over_training():
   assert after["kl"] > 0
 
 
-def test_cosine_lr_schedule_decays_every_group_to_its_final_fraction():
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_schedule_warms_up_then_decays_every_group_to_its_final_fraction(warmup):
   """With a constant gradient Adam's bias-corrected step is exactly lr (weight decay 0), so the
-  size of update n is the schedule: lr at n = 0, lr · (f + (1 − f)(1 + cos(π n / N)) / 2) after,
-  lr · f from n = N on; "constant" keeps lr."""
+  size of update n is the schedule: lr · (n + 1) / W during a warm-up of W updates, then (m =
+  n − W, M = N − W) lr · (f + (1 − f)(1 + cos(π m / M)) / 2), lr · f from m = M on; "constant"
+  keeps lr after the warm-up."""
   params = {"lora": {"w": jnp.zeros(3)}, "label_embedding": jnp.zeros((3, 2))}
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   n_total, frac = 8, 0.1
   for schedule in ("cosine", "constant"):
     opt = train.make_optimizer(1e-3, 1e-2, weight_decay=0.0, lr_schedule=schedule,
-                               num_updates=n_total, lr_final_fraction=frac)
+                               num_updates=n_total, lr_final_fraction=frac,
+                               lr_warmup_steps=warmup)
     state = opt.init(params)
     for n in range(n_total + 2):
       updates, state = opt.update(grads, state, params)
-      factor = (frac + (1 - frac) * (1 + np.cos(np.pi * min(n, n_total) / n_total)) / 2
-                if schedule == "cosine" else 1.0)
+      m, big_m = n - warmup, n_total - warmup
+      if m < 0:
+        factor = (n + 1) / warmup
+      elif schedule == "cosine":
+        factor = frac + (1 - frac) * (1 + np.cos(np.pi * min(m, big_m) / big_m)) / 2
+      else:
+        factor = 1.0
       np.testing.assert_allclose(updates["lora"]["w"], -1e-3 * factor, rtol=1e-4)
       # The NULL row (last) is never updated; the others follow their own group's lr.
       np.testing.assert_allclose(updates["label_embedding"][:-1], -1e-2 * factor, rtol=1e-4)
@@ -147,6 +155,8 @@ def test_cosine_lr_schedule_decays_every_group_to_its_final_fraction():
     ({"lr_schedule": "linear"}, "lr_schedule='linear'"),
     ({"lr_schedule": "cosine", "num_updates": 0}, "num_updates"),
     ({"lr_schedule": "cosine", "num_updates": 5, "lr_final_fraction": 2.0}, "lr_final_fraction"),
+    ({"lr_warmup_steps": -1}, "lr_warmup_steps=-1"),
+    ({"lr_schedule": "cosine", "num_updates": 5, "lr_warmup_steps": 5}, "lr_warmup_steps=5"),
 ])
 def test_bad_lr_schedule_is_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
