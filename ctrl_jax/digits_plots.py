@@ -111,3 +111,32 @@ def save_curves(path: str, jsonl_path: str, task_names) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def save_run_comparison(path: str, runs: dict[str, str],
+                        keys: tuple[str, ...] = ("reward", "kl", "grad_norm")) -> None:
+  """Training curves of several CTRL runs side by side: one panel per scalar in `keys`, one
+  line per run. `runs` maps a legend label to a run's `finetune.jsonl`."""
+  if not runs:
+    raise ValueError("save_run_comparison: no runs given.")
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+  for label, jsonl_path in runs.items():
+    if not os.path.exists(jsonl_path):
+      raise FileNotFoundError(f"run {label!r}: no training log at {jsonl_path!r}.")
+    with open(jsonl_path) as f:
+      rows = [json.loads(l) for l in f if l.strip()]
+    for ax, key in zip(axes[0], keys):
+      missing = [r["step"] for r in rows if key not in r]
+      if missing:
+        raise KeyError(f"run {label!r}: no {key!r} at update(s) {missing[:3]} of {jsonl_path!r}.")
+      ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label)
+  for ax, key in zip(axes[0], keys):
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel("update")
+  if "grad_norm" in keys:
+    axes[0][keys.index("grad_norm")].set_yscale("log")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(runs), fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

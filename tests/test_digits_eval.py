@@ -1,4 +1,6 @@
 """Evaluation pieces of the digits benchmark on real digits with known answers."""
+import json
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,22 @@ def test_tile_cells_places_each_cell_sample_in_its_row_and_column():
   block = mosaic[7 * s + 1:7 * s + 9, 2 * cell_w + 1:2 * cell_w + 9]
   assert (block == 1.0).all()
   assert (mosaic[1:9, 1:9] == 0.0).all()  # cell (0, 0) first sample
+
+
+def test_run_comparison_plots_every_run_and_names_a_bad_log(tmp_path):
+  logs = {}
+  for name, scale in (("a", 1.0), ("b", 2.0)):
+    logs[name] = str(tmp_path / f"{name}.jsonl")
+    with open(logs[name], "w") as f:
+      for step in (1, 5, 10):
+        f.write(json.dumps({"step": step, "reward": -scale / step, "kl": scale * step,
+                            "grad_norm": scale}) + "\n")
+  out = str(tmp_path / "runs.png")
+  digits_plots.save_run_comparison(out, logs)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(out) as im:
+    assert im.size[0] > 2 * im.size[1]  # three panels side by side
+  with pytest.raises(FileNotFoundError, match="run 'c'"):
+    digits_plots.save_run_comparison(out, {"c": str(tmp_path / "absent.jsonl")})
+  with pytest.raises(KeyError, match="'entropy'"):
+    digits_plots.save_run_comparison(out, logs, keys=("reward", "entropy"))
