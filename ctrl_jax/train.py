@@ -203,7 +203,9 @@ def make_optimizer(lr_lora: float, lr_label_embedding: float, lr_unet: float = 0
     raise ValueError(f"lr_warmup_steps={lr_warmup_steps}: expected ≥ 0 (and < num_updates="
                      f"{num_updates} with a cosine schedule).")
   if lr_schedule == "constant":
-    main = optax.constant_schedule
+    # A plain float without a warm-up: the optimiser state (and so old checkpoints) keeps the
+    # structure it had before schedules existed (no schedule count).
+    main = (lambda lr: lr) if not warmup else optax.constant_schedule  # noqa: E731
   elif lr_schedule == "cosine":
     if num_updates < 1 or not 0.0 <= lr_final_fraction <= 1.0:
       raise ValueError(f"lr_schedule='cosine' needs num_updates ≥ 1 (got {num_updates}) and "
