@@ -26,7 +26,9 @@ def load_config(spec: str):
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     raise SystemExit(f"--config={spec!r}: no config file {path!r}.")
-  sys.path.insert(0, os.path.join(REPO, "configs"))
+  configs = os.path.join(REPO, "configs")
+  if configs not in sys.path:
+    sys.path.insert(0, configs)
   module_spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
