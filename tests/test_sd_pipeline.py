@@ -1,7 +1,8 @@
 """The SD configs' `:tiny` variants end to end on CPU (random tiny SD folder, random CLIP tower
 and LAION MLP, synthetic offline images; the real loading, classifier, CTRL, evaluation and
-export code): fit classifier → finetune → checkpoint → resume → evaluate → export. And the
-same tiny update on 8 fake devices and on 1 device gives the same first-step loss."""
+export code): fit classifier → finetune → checkpoint → resume → evaluate → export (multitask;
+the single-task configs: classifiers and updates). And the first update of a tiny run on 8 fake
+devices has the loss that 1 device computes."""
 import json
 import os
 import sys
@@ -38,13 +39,7 @@ def test_official_configs_carry_the_official_settings():
   assert aesthetic_config.get_config().lr_lora == 1e-4
 
 
-@pytest.mark.parametrize("task", sorted(CONFIGS))
-def test_tiny_config_end_to_end(task, tmp_path, capsys):
-  """Every SD config at :tiny: its classifiers, CTRL updates, a resume. `multitask` (which
-  uses both rewards, aesthetic and compressibility) goes on through evaluation and export; the
-  single-task configs share that code (they differ in config and label space only)."""
-  config = CONFIGS[task].get_config("tiny")
-  workdir = str(tmp_path / task)
+def _classifiers(config, workdir, task):
   applies, params, info, _ = sd_pipeline.ensure_classifiers(config, workdir)
   names = sd_pipeline.label_space(task).task_names
   assert len(applies) == len(params) == len(names)
@@ -52,6 +47,59 @@ def test_tiny_config_end_to_end(task, tmp_path, capsys):
     assert np.isfinite(info["tasks"][name]["temperature"])
   with open(os.path.join(workdir, "classifier", "info.json")) as f:
     assert set(json.load(f)["tasks"]) == set(names)
+  return names
+
+
+def test_tiny_aesthetic_classifier_and_updates(tmp_path):
+  """`aesthetic` at :tiny: its classifier (random CLIP tower + LAION MLP) and two CTRL updates
+  (resume, evaluation and export: the multitask test, same code)."""
+  config = aesthetic_config.get_config("tiny")
+  workdir = str(tmp_path / "aesthetic")
+  _classifiers(config, workdir, "aesthetic")
+  config.num_updates = 2
+  out = experiment.finetune(config, workdir)
+  losses = [h["loss"] for h in out["history"]]
+  assert out["start_step"] == 0 and len(losses) == 2 and np.isfinite(losses).all()
+  assert os.path.isdir(os.path.join(workdir, "finetune", "ckpt", "2"))
+
+
+def test_tiny_compressibility_first_update_is_the_same_on_8_devices_and_on_1(tmp_path):
+  """`compressibility` at :tiny: its classifier (JPEG sizes + CNN), two CTRL updates on the 8
+  test devices, and the first update's loss recomputed on 1 device (same params, requests and
+  key) equals the logged one: sharding changes the layout, not the result."""
+  assert jax.device_count() == 8
+  config = compressibility_config.get_config("tiny")
+  workdir = str(tmp_path / "compressibility")
+  _classifiers(config, workdir, "compressibility")
+  problem = sd_pipeline.build_problem(config, workdir)
+  config.num_updates = 2
+  out = experiment.finetune(config, workdir, problem=problem)
+  losses = [h["loss"] for h in out["history"]]
+  assert len(losses) == 2 and np.isfinite(losses).all()
+
+  micro, num_micro = experiment.batch_arithmetic(config, shd.make_mesh())
+  assert (micro, num_micro) == (8, 1)
+  mesh = shd.make_mesh(jax.devices()[:1])
+  optimizer = experiment.make_optimizer(config)
+  state = train.create_train_state(problem.params, optimizer, mesh)
+  step = train.make_train_step(problem.setup, optimizer, mesh)
+  batch = experiment.sample_requests(config.seed, 0, problem.setup.label_space,
+                                     problem.num_prompts, num_micro, micro)
+  frozen = {**problem.frozen, "hparams": experiment.hparams_of(config)}
+  _, metrics = step(state, batch, jax.random.key(config.seed),
+                    jax.device_put(frozen, shd.replicated(mesh)))
+  one = float(metrics["loss"])
+  print(f"\nfirst-update loss: 8 devices {losses[0]:.6f}, 1 device {one:.6f}")
+  np.testing.assert_allclose(losses[0], one, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_multitask_end_to_end(tmp_path, capsys):
+  """`multitask` at :tiny (both rewards, aesthetic and compressibility): classifiers, CTRL
+  updates, a resume, evaluation and export."""
+  task = "multitask"
+  config = multitask_config.get_config("tiny")
+  workdir = str(tmp_path / task)
+  names = _classifiers(config, workdir, task)
 
   config.num_updates = 2
   first = experiment.finetune(config, workdir)
@@ -62,8 +110,6 @@ def test_tiny_config_end_to_end(task, tmp_path, capsys):
   assert second["start_step"] == 2 and "[finetune] resumed from" in capsys.readouterr().out
   losses = [h["loss"] for h in second["history"]]
   assert len(losses) >= 3 and np.isfinite(losses).all()
-  if task != "multitask":
-    return
 
   metrics = experiment.evaluate(config, workdir, second["params"])
   ls = sd_pipeline.label_space(task)
@@ -92,23 +138,3 @@ def test_tiny_config_end_to_end(task, tmp_path, capsys):
     labels = json.load(f)
   assert [t["name"] for t in labels["tasks"]] == list(names)
   assert labels["guidance_scale"] == config.guidance_scale
-
-
-def test_first_step_loss_is_the_same_on_8_devices_and_on_1(tmp_path):
-  assert jax.device_count() == 8
-  config = compressibility_config.get_config("tiny")
-  problem = sd_pipeline.build_problem(config, str(tmp_path))
-  optimizer = experiment.make_optimizer(config)
-  frozen = {**problem.frozen, "hparams": experiment.hparams_of(config)}
-  batch = experiment.sample_requests(0, 0, problem.setup.label_space, problem.num_prompts, 1, 8)
-  losses = {}
-  for n in (8, 1):
-    mesh = shd.make_mesh(jax.devices()[:n])
-    state = train.create_train_state(problem.params, optimizer, mesh)
-    step = train.make_train_step(problem.setup, optimizer, mesh)
-    _, metrics = step(state, batch, jax.random.key(0), jax.device_put(frozen,
-                                                                        shd.replicated(mesh)))
-    losses[n] = float(metrics["loss"])
-  print(f"\nfirst-step loss: 8 devices {losses[8]:.6f}, 1 device {losses[1]:.6f}")
-  assert np.isfinite(losses[1])
-  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4, atol=1e-5)
