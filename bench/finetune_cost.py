@@ -1,8 +1,14 @@
-"""Benchmark: cost of one CTRL update per trainable set (LoRA ranks, full fine-tuning), side by
-side in one process.
+"""Benchmark: cost of one CTRL update per trainable set (LoRA ranks, full fine-tuning), or per
+KL gradient (--kl_grad), side by side in one process.
 
   python bench/finetune_cost.py --config=configs/digits.py:ink --workdir=DIR \
       [--ranks 1,4,16] [--full] [--updates 5] [--out bench/results/finetune_cost.json]
+  python bench/finetune_cost.py --kl_grad --workdir=DIR   # → bench/results/kl_grad_cost.json
+
+--kl_grad times the config's trainable set with the biased KL gradient (reference_grad=False),
+the exact one (True), and the step that switches at update `reference_grad_from` (the `ink`
+default: 80) timed before and after the switch (its state's update counter set to 0 or to
+reference_grad_from).
 
 DIR holds the pre-trained model and the classifier (any run of that config; missing stages are
 trained first). For each variant the same train step as `ctrl_jax.experiment.finetune` is
@@ -31,7 +37,11 @@ def main():
   ap.add_argument("--ranks", default="1,4,16")
   ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
   ap.add_argument("--updates", type=int, default=5)
+  ap.add_argument("--kl_grad", action="store_true",
+                  help="variants over the KL gradient instead of the trainable set")
   args = ap.parse_args()
+  if args.kl_grad and args.out == ap.get_default("out"):
+    args.out = os.path.join(os.path.dirname(args.out), "kl_grad_cost.json")
   if args.updates < 1:
     raise SystemExit(f"--updates={args.updates}: expected ≥ 1.")
 
@@ -39,13 +49,23 @@ def main():
   from ctrl_jax import sharding as shd  # pylint: disable=g-import-not-at-top
   from ctrl_jax import train  # pylint: disable=g-import-not-at-top
   base = report.load_config(args.config)
-  variants = [(f"rank {r}", {"lora_rank": int(r), "full_finetune": False})
-              for r in args.ranks.split(",") if r]
-  if args.full:
-    variants.append(("full", {"lora_rank": 0, "full_finetune": True}))
+  # (name, config overrides, update counter to start from)
+  if args.kl_grad:
+    k = int(base.get("reference_grad_from", 0)) or 80
+    variants = [("biased", {"reference_grad": False, "reference_grad_from": 0}, 0),
+                ("exact", {"reference_grad": True, "reference_grad_from": 0}, 0),
+                (f"switched at {k}, update < {k}",
+                 {"reference_grad": True, "reference_grad_from": k}, 0),
+                (f"switched at {k}, update ≥ {k}",
+                 {"reference_grad": True, "reference_grad_from": k}, k)]
+  else:
+    variants = [(f"rank {r}", {"lora_rank": int(r), "full_finetune": False}, 0)
+                for r in args.ranks.split(",") if r]
+    if args.full:
+      variants.append(("full", {"lora_rank": 0, "full_finetune": True}, 0))
   mesh = shd.make_mesh()
   rows = []
-  for name, overrides in variants:
+  for name, overrides, start in variants:
     config = copy.deepcopy(base)
     with config.unlocked():
       config.update(overrides)
@@ -54,6 +74,7 @@ def main():
                             shd.replicated(mesh))
     optimizer = experiment.make_optimizer(config)
     state = train.create_train_state(problem.params, optimizer, mesh)
+    state["step"] = jax.device_put(np.int32(start), shd.replicated(mesh))
     step_fn = train.make_train_step(problem.setup, optimizer, mesh)
     micro, num_micro = experiment.batch_arithmetic(config, mesh)
     batch = jax.device_put(

@@ -198,7 +198,8 @@ def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlS
       timesteps=schedules.ddim_timesteps(1000, config.num_inference_steps),
       use_cfg=config.use_cfg, kl_convention=config.kl_convention, truncation=config.truncation,
       truncation_k=config.truncation_k, remat_policy=config.remat_policy or None,
-      reference_grad=config.reference_grad)
+      reference_grad=config.reference_grad,
+      reference_grad_from=config.get("reference_grad_from", 0))
 
 
 def _assemble(config: ml_collections.ConfigDict, setup: train.CtrlSetup, pre: dict,

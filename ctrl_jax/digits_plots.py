@@ -107,6 +107,11 @@ def save_curves(path: str, jsonl_path: str, task_names) -> None:
   axes[2].set_title("p̂ accuracy on training samples", fontsize=9)
   axes[2].set_xlabel("update")
   axes[2].set_ylim(0, 1)
+  flags = [r.get("exact_kl_grad", 0) > 0 for r in rows]
+  if any(flags) and not flags[0]:  # `reference_grad_from`: mark the switch (after the last
+    switch = step[flags.index(True) - 1]  # logged biased update)
+    for ax in axes:
+      ax.axvline(switch, color="gray", ls=":", lw=1, label="exact KL gradient from here")
   axes[2].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -51,7 +51,8 @@ def _build_tiny(config: ml_collections.ConfigDict, workdir: str) -> Problem:
       use_cfg=config.use_cfg, truncation=config.truncation, truncation_k=config.truncation_k,
       lora_rank=config.lora_rank, remat_policy=config.remat_policy or None,
       reference_grad=config.reference_grad, kl_convention=config.kl_convention,
-      num_prompts=config.num_prompts)
+      num_prompts=config.num_prompts,
+      reference_grad_from=config.get("reference_grad_from", 0))
   frozen.pop("hparams")
   return Problem(setup=setup, frozen=frozen, params=params, num_prompts=config.num_prompts)
 
@@ -138,6 +139,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     if value < 1:
       raise ValueError(f"config.{field}={value} must be ≥ 1.")
   shd.check_divisible(micro, mesh, "config.micro_batch")
+  start = int(config.get("reference_grad_from", 0))
+  if start and not (config.reference_grad and 0 < start < int(config.num_updates)):
+    raise ValueError(f"config.reference_grad_from={start}: expected 0 (every update), or an "
+                     f"update in [1, num_updates={config.num_updates}) together with "
+                     f"config.reference_grad=True (now {config.reference_grad}).")
   if config.eta <= 0 and config.kl_weight > 0:
     raise ValueError(f"config.eta={config.eta}: the path KL needs η > 0 (at η = 0 the chain is "
                      "deterministic and the KL is undefined); set eta > 0 or kl_weight = 0.")

@@ -140,7 +140,8 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
                     schedule: Schedule, timesteps: jnp.ndarray, x_T: jnp.ndarray,
                     key: jax.Array, eta: jnp.ndarray, *, grad_mask: Optional[jnp.ndarray] = None,
                     num_no_grad_steps: int = 0, remat_policy: Optional[str] = "nothing_saveable",
-                    reference_grad: bool = True) -> Trajectory:
+                    reference_grad: bool = True,
+                    reference_grad_mask: Optional[jnp.ndarray] = None) -> Trajectory:
   """Runs the fine-tuned and the reference model side by side from the same x_T.
 
   The sample follows the fine-tuned model: x_prev = μ_new + σ_t z_i with
@@ -154,6 +155,9 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     * `grad_mask` (bool [N], traced): for the remaining steps, a `lax.cond` picks a branch whose
       ε's are computed on stop-gradiented inputs; its backward is the linear DDIM coefficient on
       x_t only (CTRL's random truncation: ε stop-gradiented, latents not).
+    * `reference_grad_mask` (bool [N], traced; with reference_grad=True): of the steps that
+      carry gradient, those where it is False take ε_pre as a constant (no backward through
+      the reference model, as reference_grad=False does); a `lax.switch` over three branches.
     * `remat_policy`: `jax.checkpoint` around every model call.
 
   Args:
@@ -165,6 +169,8 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     eta: DDIM η (traced scalar).
     reference_grad: also back-propagate through the reference model's input x_t (the exact
       pathwise gradient of the KL); False treats ε_pre as a constant (cheaper).
+    reference_grad_mask: per step, whether reference_grad applies (None = every step). Lets
+      one compiled step switch between the exact and the cheaper gradient per update.
 
   Returns:
     A `Trajectory`.
@@ -189,6 +195,11 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     e_ref = reference_eps(ref_params, x if reference_grad else sg(x), t)
     return transition(x, e_new, e_ref, t, t_prev, z)
 
+  def step_policy_grad(x, t, t_prev, z):  # ε_pre a constant at x_t
+    e_new = policy_eps(params, x, t)
+    e_ref = reference_eps(ref_params, sg(x), t)
+    return transition(x, e_new, e_ref, t, t_prev, z)
+
   def step_without_grad(x, t, t_prev, z):
     e_new = policy_eps(sg(params), sg(x), t)
     e_ref = reference_eps(ref_params, sg(x), t)
@@ -202,9 +213,15 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     x_prev, kl = step_without_grad(x, t, t_prev, noise(i, x))
     return x_prev, kl
 
+  switch_reference = reference_grad and reference_grad_mask is not None
+
   def body(x, inp):
-    i, t, t_prev, g = inp
+    i, t, t_prev, g, r = inp
     z = noise(i, x)
+    if switch_reference:
+      branch = jnp.where(g, jnp.where(r, 2, 1), 0)
+      return jax.lax.switch(branch, (step_without_grad, step_policy_grad, step_with_grad),
+                            x, t, t_prev, z)
     if grad_mask is None:
       return step_with_grad(x, t, t_prev, z)
     return jax.lax.cond(g, step_with_grad, step_without_grad, x, t, t_prev, z)
@@ -212,6 +229,8 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
   steps = jnp.arange(num_steps)
   mask = jnp.ones((num_steps,), bool) if grad_mask is None else jnp.asarray(grad_mask, bool)
   mask = mask & (steps >= num_no_grad_steps)
+  ref_mask = (jnp.ones((num_steps,), bool) if reference_grad_mask is None
+              else jnp.broadcast_to(jnp.asarray(reference_grad_mask, bool), (num_steps,)))
   n0 = num_no_grad_steps
   x = x_T
   kls = []
@@ -221,7 +240,7 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     kls.append(kl0)
   if n0 < num_steps:
     x, kl1 = jax.lax.scan(body, x, (steps[n0:], timesteps[n0:], prev_timesteps[n0:],
-                                    mask[n0:]))
+                                    mask[n0:], ref_mask[n0:]))
     kls.append(kl1)
   kl = jnp.concatenate(kls, axis=0) if len(kls) > 1 else kls[0]
   return Trajectory(x0=x, kl=kl, grad_mask=mask)

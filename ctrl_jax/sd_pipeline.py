@@ -297,7 +297,8 @@ def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment
       timesteps=schedules.ddim_timesteps(1000, config.num_inference_steps),
       use_cfg=config.use_cfg, kl_convention=config.kl_convention, truncation=config.truncation,
       truncation_k=config.truncation_k, remat_policy=config.remat_policy or None,
-      reference_grad=config.reference_grad)
+      reference_grad=config.reference_grad,
+      reference_grad_from=config.get("reference_grad_from", 0))
   contexts = sd_lib.encode_prompts(sd, list(config.prompts))
   uncond = sd_lib.encode_prompts(sd, [""])[0]
   frozen = {"unet": sd.unet_params, "reward": list(cls_params), "decoder": sd.vae_params,

@@ -65,8 +65,8 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
                          "full" if n == config.num_updates else f"full, {n} updates"))
     return out
   if study == "dependent":
-    exact = ("reference_grad", bool(s.dependent_reference_grad))
-    return [Variant(f"ctrl_{name}", (("task", "inkc"), ("classifier.use_digit", aware), exact),
+    exact = (("reference_grad", bool(s.dependent_reference_grad)), ("reference_grad_from", 0))
+    return [Variant(f"ctrl_{name}", (("task", "inkc"), ("classifier.use_digit", aware)) + exact,
                     "ctrl", label) for name, aware, label in (("blind", False, "p̂(y | x)"),
                                                        ("aware", True, "p̂(y | x, c)"))]
   raise ValueError(f"--study={study!r}; expected one of {STUDIES}.")

@@ -45,6 +45,9 @@ class CtrlSetup:
       back-prop) or "last_k" (gradient only through the final `truncation_k` steps).
     remat_policy: jax.checkpoint policy around each model call, or None.
     reference_grad: back-propagate through the reference model's input too.
+    reference_grad_from: with reference_grad, the first update (0-based) that does: updates
+      before it take ε_pre as a constant (the cheaper, biased KL gradient), in the same
+      compiled step (a traced switch on the update number). 0 = every update.
   """
   model: AugmentedUNet
   label_space: rewards.LabelSpace
@@ -58,6 +61,7 @@ class CtrlSetup:
   truncation_k: int = 1
   remat_policy: Optional[str] = "nothing_saveable"
   reference_grad: bool = True
+  reference_grad_from: int = 0
 
   def __post_init__(self):
     if self.truncation not in TRUNCATIONS:
@@ -68,6 +72,9 @@ class CtrlSetup:
     n = len(self.timesteps)
     if self.truncation == "last_k" and not 1 <= self.truncation_k <= n:
       raise ValueError(f"truncation_k={self.truncation_k} must be in [1, {n}] (num steps).")
+    if self.reference_grad_from < 0 or (self.reference_grad_from and not self.reference_grad):
+      raise ValueError(f"reference_grad_from={self.reference_grad_from}: expected 0, or ≥ 1 "
+                       "together with reference_grad=True.")
     if self.model.num_labels != self.label_space.num_labels:
       raise ValueError(f"model has {self.model.num_labels} labels, label space "
                        f"{self.label_space.num_labels}.")
@@ -119,13 +126,15 @@ def eps_functions(setup: CtrlSetup, frozen: dict, prompt: jnp.ndarray, labels: j
 
 
 def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup: CtrlSetup,
-            mesh: Optional[Mesh] = None) -> tuple[jnp.ndarray, dict]:
+            mesh: Optional[Mesh] = None, step: Optional[jnp.ndarray] = None
+            ) -> tuple[jnp.ndarray, dict]:
   """CTRL loss of one micro-batch: −γ · mean(reward) + kl_weight · KL.
 
   Args:
     params: trainable tree. frozen: see module docstring.
     micro_batch: {"prompt": int [b], "y": int [b, T]}.
     key: PRNG key of this micro-batch (x_T, per-step noise, truncation mask).
+    step: int [] the update number (only `setup.reference_grad_from` reads it; required then).
   """
   hp = frozen["hparams"]
   k_x, k_noise, k_mask = jax.random.split(key, 3)
@@ -141,11 +150,16 @@ def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup
     grad_mask = sampling.random_truncation_mask(k_mask, n)
   elif setup.truncation == "last_k":
     n0 = n - setup.truncation_k
+  ref_mask = None
+  if setup.reference_grad and setup.reference_grad_from:
+    if step is None:
+      raise ValueError("setup.reference_grad_from needs the update number: pass step=.")
+    ref_mask = jnp.asarray(step) >= setup.reference_grad_from
   traj = sampling.ctrl_trajectory(
       policy_eps, reference_eps, params, frozen["unet"], frozen["schedule"],
       jnp.asarray(setup.timesteps), x_T, k_noise, hp["eta"], grad_mask=grad_mask,
       num_no_grad_steps=n0, remat_policy=setup.remat_policy,
-      reference_grad=setup.reference_grad)
+      reference_grad=setup.reference_grad, reference_grad_mask=ref_mask)
   images = setup.decode_fn(frozen.get("decoder"), traj.x0)
   reward, aux = setup.reward_fn(frozen["reward"], images, micro_batch["y"],
                                 micro_batch["prompt"])
@@ -154,6 +168,8 @@ def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup
   metrics = {"loss": loss, "reward": jnp.mean(reward), "kl": kl,
              "kl_exact": jnp.mean(jnp.sum(traj.kl, axis=0)),
              "grad_steps": jnp.sum(traj.grad_mask.astype(jnp.float32))}
+  if setup.reference_grad_from:
+    metrics["exact_kl_grad"] = ref_mask.astype(jnp.float32)
   for name, probs, y in zip(setup.label_space.task_names, aux["probs"],
                             jnp.moveaxis(micro_batch["y"], -1, 0)):
     metrics[f"classifier_acc/{name}"] = jnp.mean(
@@ -274,7 +290,7 @@ def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation, m
       grads_acc, metrics_acc = carry
       m, mb = inp
       (_, metrics), grads = grad_fn(state["params"], frozen, mb,
-                                    jax.random.fold_in(step_key, m), setup, mesh)
+                                    jax.random.fold_in(step_key, m), setup, mesh, state["step"])
       grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
       metrics_acc = jax.tree_util.tree_map(jnp.add, metrics_acc, metrics)
       return (grads_acc, metrics_acc), None
@@ -282,7 +298,7 @@ def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation, m
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
     metric_shapes = jax.eval_shape(
         lambda: loss_fn(state["params"], frozen, jax.tree_util.tree_map(lambda v: v[0], batch),
-                        step_key, setup, mesh)[1])
+                        step_key, setup, mesh, state["step"])[1])
     metrics0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     (grads, metrics), _ = jax.lax.scan(micro, (zeros, metrics0),
                                        (jnp.arange(num_micro), batch))

@@ -286,9 +286,10 @@ def test_study_variants_and_overrides():
   labels = studies.variants(config, "labels")
   assert [v.x for v in labels if v.method == "cfg_triplets"] == [50, 100, 300, 1000]
   dep = [studies.variant_config(config, v.overrides) for v in studies.variants(config, "dependent")]
-  assert [(d.task, d.classifier.use_digit, d.reference_grad) for d in dep] == [
-      ("inkc", False, True), ("inkc", True, True)]  # the exact KL gradient (README, study 4)
-  assert not config.reference_grad
+  assert [(d.task, d.classifier.use_digit, d.reference_grad, d.reference_grad_from)
+          for d in dep] == [("inkc", False, True, 0), ("inkc", True, True, 0)]
+  # the exact KL gradient in every update (README, study 4); the default switches to it later
+  assert config.reference_grad and config.reference_grad_from > 0
   with pytest.raises(ValueError, match="no such field"):
     studies.variant_config(config, (("classifier.nonexistent", 1),))
   with pytest.raises(ValueError, match="--study="):

@@ -352,3 +352,43 @@ def test_reference_grad_gives_the_exact_kl_gradient_and_false_a_biased_one():
         f"False {err_false:.1e}")
   assert err_true < 1e-7
   assert err_false > 0.1
+
+
+def test_reference_grad_mask_picks_the_exact_or_the_biased_gradient_per_step():
+  """reference_grad_mask (one `lax.switch` per step) against the same trajectory written
+  without it: a reference closure that stop-gradients its own input x_t at the masked-off
+  timesteps. With random truncation on too; all-True / all-False masks equal
+  reference_grad=True / False, and the mixed mask differs from both (so each comparison can
+  fail)."""
+  grad_mask = jnp.asarray([0, 1, 1, 0, 1, 1, 1, 0, 1, 1], bool)
+  ref_mask = jnp.asarray([1, 1, 0, 0, 1, 0, 1, 1, 0, 1], bool)
+  timesteps = jnp.asarray(TIMESTEPS)
+
+  def masked_reference(params, x, t):
+    on = ref_mask[jnp.argmax(timesteps == t)]
+    return eps_fn(params, jnp.where(on, x, jax.lax.stop_gradient(x)), t)
+
+  def objective(params, reference_eps=eps_fn, **kw):
+    traj = ctrl_trajectory(eps_fn, reference_eps, params, REF_PARAMS, SCHEDULE, TIMESTEPS, X_T,
+                           KEY, ETA, grad_mask=grad_mask, **kw)
+    return jnp.mean(jnp.sum(traj.kl, 0)) / NUM_DIMS - jnp.mean(traj.x0**2), traj
+
+  def grad(**kw):
+    (value, traj), g = jax.jit(jax.value_and_grad(functools.partial(objective, **kw),
+                                                  has_aux=True))(POLICY_PARAMS)
+    return float(value), np.asarray(traj.x0), jax.flatten_util.ravel_pytree(g)[0]
+
+  v_mix, x_mix, g_mix = grad(reference_grad_mask=ref_mask)
+  v_ind, x_ind, g_ind = grad(reference_eps=masked_reference)
+  _, _, g_exact = grad(reference_grad=True)
+  _, _, g_biased = grad(reference_grad=False)
+  _, _, g_all = grad(reference_grad_mask=jnp.ones(NUM_STEPS, bool))
+  _, _, g_none = grad(reference_grad_mask=jnp.zeros(NUM_STEPS, bool))
+  assert v_mix == pytest.approx(v_ind, rel=1e-6)
+  np.testing.assert_allclose(x_mix, x_ind, rtol=1e-6, atol=1e-6)
+  scale = float(jnp.max(jnp.abs(g_exact)))
+  np.testing.assert_allclose(g_mix, g_ind, rtol=1e-5, atol=1e-6 * scale)
+  np.testing.assert_allclose(g_all, g_exact, rtol=1e-5, atol=1e-6 * scale)
+  np.testing.assert_allclose(g_none, g_biased, rtol=1e-5, atol=1e-6 * scale)
+  for other in (g_exact, g_biased):
+    assert float(jnp.max(jnp.abs(g_mix - other))) > 1e-3 * scale

@@ -1,6 +1,9 @@
 """The CTRL train step: sharding invariance, no recompiles, optimiser masking, learning."""
+import dataclasses
+
 import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,3 +164,51 @@ def test_lr_schedule_warms_up_then_decays_every_group_to_its_final_fraction(warm
 def test_bad_lr_schedule_is_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     train.make_optimizer(1e-3, 1e-2, **kwargs)
+
+
+def test_reference_grad_from_switches_to_the_exact_kl_gradient_at_that_update():
+  """reference_grad_from=2: one compiled step (traced once) whose update 1 equals the biased
+  setup's (reference_grad=False) and whose update 2 equals the exact setup's, from the same
+  state, batch and key; the exact and the biased update differ (so both checks can fail).
+  Plain SGD with lr 1, so an update is the gradient itself (Adam's first step is ±lr where
+  a gradient is near 0, which hides what is compared)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  mesh = shd.make_mesh(jax.devices()[:1])
+  opt = optax.sgd(1.0)
+  exact, frozen, params = _problem(truncation="none")
+  params = jax.tree_util.tree_map(lambda a: a + 0.02 * jnp.ones_like(a), params)
+  batch = tiny_problem.make_batch(0, 0, exact, 3, 1, MICRO)
+  out = {}
+  for name, kw in (("exact", {}), ("biased", {"reference_grad": False}),
+                   ("switched", {"reference_grad_from": 2})):
+    setup = dataclasses.replace(exact, **kw)
+    chex.clear_trace_counter()
+    step_fn = train.make_train_step(setup, opt, mesh, wrap=chex.assert_max_traces(n=1))
+    for k in (1, 2):
+      state = train.create_train_state(params, opt, mesh)
+      state["step"] = jnp.asarray(k, jnp.int32)
+      new, m = step_fn(state, batch, jax.random.key(5), frozen)
+      grad = jax.tree_util.tree_map(jnp.subtract, params, new["params"])
+      out[name, k] = (jax.flatten_util.ravel_pytree(grad)[0], jax.device_get(m))
+  scale = float(jnp.max(jnp.abs(out["exact", 2][0])))
+  for k, same in ((1, "biased"), (2, "exact")):
+    np.testing.assert_allclose(out["switched", k][0], out[same, k][0], rtol=1e-4,
+                               atol=1e-5 * scale)
+    assert float(out["switched", k][1]["exact_kl_grad"]) == float(same == "exact")
+  for k in (1, 2):
+    assert float(jnp.max(jnp.abs(out["exact", k][0] - out["biased", k][0]))) > 1e-3 * scale
+
+
+def test_reference_grad_from_needs_the_exact_gradient_and_an_update_inside_the_run(problem):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="reference_grad_from=3.*reference_grad=True"):
+    dataclasses.replace(problem[0], reference_grad=False, reference_grad_from=3)
+  config = ml_collections.ConfigDict(dict(
+      num_updates=10, micro_batch=8, num_micro_batches=1, eta=1.0, kl_weight=0.01,
+      reference_grad=True, reference_grad_from=10))
+  mesh = shd.make_mesh(jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"config.reference_grad_from=10.*num_updates=10"):
+    experiment.validate_config(config, mesh)
+  config.reference_grad_from = 9
+  experiment.validate_config(config, mesh)
