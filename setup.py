@@ -31,7 +31,7 @@ setuptools.setup(
     version="0.1.0",
     description="CTRL: conditional control of pre-trained diffusion models by RL, in JAX",
     packages=setuptools.find_packages(include=["ctrl_jax", "ctrl_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": [TORCH, "pytest"],

@@ -32,8 +32,9 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args()
 
-  from ctrl_jax import compare  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.baselines import compare  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from ctrl_jax.problems.digits import stages as digits_stages
   config = report.load_config(args.config)
   results_path = os.path.join(args.workdir, "compare", "results.json")
   if not os.path.exists(results_path):
@@ -41,7 +42,7 @@ def main():
                      f"--config={args.config} --workdir={args.workdir}` first.")
   with open(results_path) as f:
     done = json.load(f)["methods"]
-  problem = digits_pipeline.build_problem(config, args.workdir)
+  problem = digits_stages.build_problem(config, args.workdir)
   bench = compare.Bench(config, problem, os.path.join(args.workdir, "compare"),
                         results_file="results.json")
   n = args.batch

@@ -15,8 +15,8 @@ trained first). For each variant the same train step as `ctrl_jax.experiment.fin
 built; reported: compile time, the median of --updates timed updates (after one warm-up
 update; the same requests every time), XLA's cost-analysis FLOPs per update, XLA's memory plan
 (peak estimate), and the ratio of seconds and of FLOPs to the first variant. The study's
-"s / update" column (`ctrl_jax.studies`, `--study=lora`) is measured during long runs, exposed
-to whatever else the machine did; this one runs the variants back to back.
+"s / update" column (`ctrl_jax.baselines.studies`, `--study=lora`) is measured during long runs,
+exposed to whatever else the machine did; this one runs the variants back to back.
 """
 import argparse
 import copy
@@ -46,8 +46,9 @@ def main():
     raise SystemExit(f"--updates={args.updates}: expected ≥ 1.")
 
   from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import train  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import rewards  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import train  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.runtime import sharding as shd  # pylint: disable=g-import-not-at-top
   base = report.load_config(args.config)
   # (name, config overrides, update counter to start from)
   if args.kl_grad:
@@ -70,7 +71,7 @@ def main():
     with config.unlocked():
       config.update(overrides)
     problem = experiment.build_problem(config, args.workdir)
-    frozen = jax.device_put({**problem.frozen, "hparams": experiment.hparams_of(config)},
+    frozen = jax.device_put({**problem.frozen, "hparams": train.hparams_from_config(config)},
                             shd.replicated(mesh))
     optimizer = experiment.make_optimizer(config)
     state = train.create_train_state(problem.params, optimizer, mesh)
@@ -78,7 +79,7 @@ def main():
     step_fn = train.make_train_step(problem.setup, optimizer, mesh)
     micro, num_micro = experiment.batch_arithmetic(config, mesh)
     batch = jax.device_put(
-        experiment.sample_requests(config.seed, 0, problem.setup.label_space,
+        rewards.sample_requests(config.seed, 0, problem.setup.label_space,
                                    problem.num_prompts, num_micro, micro),
         shd.data_sharded(mesh, batch_axis=1))
     key = jax.random.key(config.seed)

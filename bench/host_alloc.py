@@ -1,4 +1,5 @@
-"""Benchmark: huge pages for XLA:CPU's buffers (ctrl_jax.hugepages) and remat, per training step
+"""Benchmark: huge pages for XLA:CPU's buffers (ctrl_jax.runtime.hugepages) and remat, per
+training step
 of the digits config, variants side by side.
 
   python bench/host_alloc.py --workdir=DIR [--config=configs/digits.py:ink] [--repeats 2] \
@@ -47,16 +48,17 @@ def _timed(fn, steps):
 
 def child(config_spec, workdir, overrides, steps):
   """Runs in the variant's process; prints one JSON line."""
-  from ctrl_jax import hugepages  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.runtime import hugepages  # pylint: disable=g-import-not-at-top
   hugepages.reexec_with_hugepages()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import digits  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import digits_model  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.problems.digits import data as digits_data  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.problems.digits import model as digits_model  # pylint: disable=g-import-not-at-top
   from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import train  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import rewards  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import train  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.runtime import sharding as shd  # pylint: disable=g-import-not-at-top
   from ctrl_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   config = report.load_config(config_spec)
   with config.unlocked():
@@ -75,7 +77,7 @@ def child(config_spec, workdir, overrides, steps):
                           "key": jax.random.key_data(jax.random.key(1))}, shd.replicated(mesh))
   step_fn = digits_model.make_pretrain_step(unet, digits_model.make_schedule(p), optimizer, mesh,
                                             p.p_uncond, p.ema_decay)
-  splits = digits.load_splits()
+  splits = digits_data.load_splits()
   batch = jax.device_put(
       {"x": np.asarray(digits_model.to_model_space(splits["x_train"][:p.batch_size])),
        "c": splits["c_train"][:p.batch_size]}, shd.data_sharded(mesh))
@@ -90,13 +92,13 @@ def child(config_spec, workdir, overrides, steps):
 
   # CTRL update (as experiment.finetune builds it).
   problem = experiment.build_problem(config, workdir)
-  frozen = jax.device_put({**problem.frozen, "hparams": experiment.hparams_of(config)},
+  frozen = jax.device_put({**problem.frozen, "hparams": train.hparams_from_config(config)},
                           shd.replicated(mesh))
   optimizer = experiment.make_optimizer(config)
   step_fn = train.make_train_step(problem.setup, optimizer, mesh)
   micro, num_micro = experiment.batch_arithmetic(config, mesh)
   batch = jax.device_put(
-      experiment.sample_requests(config.seed, 0, problem.setup.label_space, problem.num_prompts,
+      rewards.sample_requests(config.seed, 0, problem.setup.label_space, problem.num_prompts,
                                  num_micro, micro), shd.data_sharded(mesh, batch_axis=1))
   key = jax.random.key(config.seed)
   holder = [train.create_train_state(problem.params, optimizer, mesh)]
@@ -124,8 +126,10 @@ def main():
     return
   if args.repeats < 1 or args.steps < 1:
     raise SystemExit(f"--repeats={args.repeats}, --steps={args.steps}: expected ≥ 1.")
-  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
-  digits_pipeline.build_problem(report.load_config(args.config), args.workdir)  # trains what is missing
+  # pylint: disable-next=g-import-not-at-top
+  from ctrl_jax.problems.digits import stages as digits_stages
+  # trains what is missing
+  digits_stages.build_problem(report.load_config(args.config), args.workdir)
   runs = {name: [] for name in VARIANTS}
   base_env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",
                                                                "CTRL_JAX_HUGEPAGES")}

@@ -26,7 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {  # name: (environment, config overrides)
-    "4 KiB pages (session 7)": ({"CTRL_JAX_HUGEPAGES": "0"}, []),
+    "4 KiB pages": ({"CTRL_JAX_HUGEPAGES": "0"}, []),
     "huge pages (the default)": ({}, []),
 }
 

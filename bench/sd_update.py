@@ -44,14 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctrl_jax import compressibility
-from ctrl_jax import rewards
-from ctrl_jax import schedules
-from ctrl_jax import sharding as shd
-from ctrl_jax import train
+from ctrl_jax.core import rewards
+from ctrl_jax.core import schedules
+from ctrl_jax.core import train
 from ctrl_jax.models import augmented
 from ctrl_jax.models import sd as sd_lib
 from ctrl_jax.models import unet as unet_lib
+from ctrl_jax.problems.sd import compressibility
+from ctrl_jax.runtime import sharding as shd
 
 # SD1.5's VAE (AutoencoderKL of stable-diffusion-v1-5/vae/config.json).
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512,

@@ -19,8 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ctrl_jax import sampling
-from ctrl_jax import schedules
+from ctrl_jax.core import sampling
+from ctrl_jax.core import schedules
 from ctrl_jax.models import augmented
 from ctrl_jax.models import unet as unet_lib
 

@@ -13,7 +13,7 @@ import sd_common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def get_config(variant: str = "official"):
   c = sd_common.base_config("aesthetic")
-  c.lr_lora = 1e-4              # §6
-  c.lr_label_embedding = 5e-3   # §6
-  c.trajectories_per_update = 512  # §6
+  c.lr_lora = 1e-4              # docs/method.md §7
+  c.lr_label_embedding = 5e-3   # docs/method.md §7
+  c.trajectories_per_update = 512  # docs/method.md §7
   return sd_common.tiny(c) if variant == "tiny" else c

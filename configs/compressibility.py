@@ -14,7 +14,7 @@ import sd_common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def get_config(variant: str = "official"):
   c = sd_common.base_config("compressibility")
-  c.lr_lora = 1e-3              # §6
-  c.lr_label_embedding = 1e-2   # §6
-  c.trajectories_per_update = 256  # §6
+  c.lr_lora = 1e-3              # docs/method.md §7
+  c.lr_label_embedding = 1e-2   # docs/method.md §7
+  c.trajectories_per_update = 256  # docs/method.md §7
   return sd_common.tiny(c) if variant == "tiny" else c

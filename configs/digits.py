@@ -14,13 +14,13 @@ import ml_collections
 
 def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.problem = "digits"          # problem builder (ctrl_jax.experiment.PROBLEM_BUILDERS)
+  c.problem = "digits"          # which problem (ctrl_jax.problems.base registry)
   c.variant = variant           # recorded in the outputs
   c.task = "ink"                # "ink" (ink3), "multitask" (ink2 × edge2), or "inkc" (ink above
                                 #   the median of the image's own digit: y depends on c; studies)
   c.seed = 0                    # CTRL seed (requests, noise, LoRA init)
 
-  # Stage 1: the pre-trained p(x | c) (ctrl_jax.digits_model).
+  # Stage 1: the pre-trained p(x | c) (ctrl_jax.problems.digits.model).
   p = c.pretrain = ml_collections.ConfigDict()
   p.seed = 0                    # init and batch order
   p.block_out_channels = (32, 64)  # UNet widths per level (8×8 → 4×4)
@@ -40,7 +40,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   p.log_every = 50              # scalars every n steps
   p.checkpoint_every = 200      # orbax checkpoint every n steps
 
-  # Stage 2: the reward classifier p̂(y | x) (ctrl_jax.digits.fit_classifier), per task name.
+  # Stage 2: the reward classifier p̂(y | x), per task name
+  # (ctrl_jax.problems.digits.data.fit_classifier).
   k = c.classifier = ml_collections.ConfigDict()
   k.num_labels = 300            # offline (x, y) pairs drawn from the train split (no c)
   k.label_seed = 0              # which pairs
@@ -71,10 +72,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.reference_grad_from = 80    # ... from this update on (0 = every update; needs reference_grad).
                                 #   Earlier updates take ε_pre as a constant: a biased KL
                                 #   gradient, 1.4× cheaper per update. Biased throughout, the
-                                #   digits decay once the reward saturates (seed 0: digit acc
-                                #   0.989 at update 80, 0.969 at 160, ink3 0.861 → 0.968); exact
-                                #   from 80: 0.967 / 0.989; exact throughout: 0.961 / 1.000 but
-                                #   CTRL 313 vs 206 s (README)
+                                #   digits decay once the reward saturates; the switch keeps them
+                                #   (docs/results/digits_ink.md)
   c.lora_rank = 4               # LoRA rank on attention q/k/v/out (0 = label embedding only)
   c.full_finetune = False       # also train a copy of the whole UNet (lr_unet); the reference
                                 #   model stays the frozen pre-trained UNet
@@ -82,42 +81,36 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.lr_lora = 4.5e-3            # AdamW lr of LoRA (peak)
   c.lr_label_embedding = 1.5e-2  # AdamW lr of the label table (peak)
   c.lr_schedule = "cosine"      # "constant" (official) or "cosine" (each lr decays to
-  c.lr_final_fraction = 0.1     #   lr_final_fraction × it over num_updates). Constant lr 3e-3 /
-                                #   1e-2 (sessions 6–7): seed 0 ink3 0.981 digit acc 0.974, seed 1
-                                #   0.899 / 0.905 (a noisy last iterate); cosine at those lrs:
-                                #   0.931 / 0.999 and 0.933 / 0.998; cosine at 1.5×: 0.967 / 0.988
-                                #   (seed 1: 0.950, seed 2 collapsed: hence the warm-up below)
+  c.lr_final_fraction = 0.1     #   lr_final_fraction × it over num_updates). A constant lr is
+                                #   seed-sensitive here: its last iterate is noisy
+                                #   (docs/results/digits_ink.md)
   c.lr_warmup_steps = 15        # linear lr warm-up over the first n updates, then the schedule.
-                                #   Without it seed 2 collapsed: full-size early Adam steps drove
-                                #   the images into the [0, 1] clip, where the reward has no
-                                #   gradient (ink3 0.333, digit acc 0.098); with it, seeds 0–3
-                                #   at 150 updates: ink3 0.965 / 0.955 / 0.967 / 0.937
+                                #   Full-size early Adam steps can drive the images into the
+                                #   [0, 1] clip, where the reward has no gradient
   c.weight_decay = 0.0          # AdamW decoupled weight decay
   c.grad_clip_norm = 5.0        # global-norm clip
   c.micro_batch = 16            # trajectories per micro-batch (divisible by #devices)
   c.num_micro_batches = 1       # micro-batches accumulated per update
-  c.num_updates = 160           # optimiser updates (15 warm-up + 145 cosine). Seed 3: ink3 0.937
-                                #   at 150, 0.960 at 160, 0.969 at 170; but at 170 seed 2's digit
-                                #   acc fell 3.4 points (README). Constant lr, 140: 0.899, 150: 0.977
+  c.num_updates = 160           # optimiser updates (15 warm-up + 145 cosine)
   c.background_compile = True   # compile the CTRL train step on a second thread while
                                 #   pre-training runs (from shapes; bench/quick_wall.py)
   c.log_every = 5               # scalars every n updates
   c.checkpoint_every = 20       # orbax checkpoint every n updates
   c.max_checkpoints = 2         # checkpoints kept
 
-  # Stage 4: evaluation (ctrl_jax.digits_eval).
+  # Stage 4: evaluation (ctrl_jax.problems.digits.evaluation).
   e = c.eval = ml_collections.ConfigDict()
   e.run_after_finetune = True   # the finetune launcher evaluates when training ends
   e.samples_per_cell = 50       # samples per (digit c, class y) cell, fixed seeds
   e.seed = 1234                 # x_T / noise seed (the same for fine-tuned and pre-trained)
   e.batch_size = 500            # samples per sampling call
   e.grid_samples = 4            # samples per cell in the PNG grids
-  e.method = "ctrl"             # "ctrl", or a baseline of ctrl_jax.compare ("dps", "svdd", …):
+  e.method = "ctrl"             # "ctrl", or a baseline of ctrl_jax.baselines.compare ("dps", …):
                                 #   sampled on the pre-trained model into DIR/eval_<method>/
   e.weight = -1.0               # the baseline's guidance weight (< 0: the one the comparison
                                 #   tuned, from DIR/compare/results.json)
 
-  # Baselines comparison (ctrl_jax.compare; python -m ctrl_jax.launch.compare).
+  # Baselines comparison (ctrl_jax.baselines.compare; python -m ctrl_jax.launch.compare).
   m = c.compare = ml_collections.ConfigDict()
   m.methods = ("pretrained", "ctrl", "dps", "dps_nojac", "classifier_guidance",
                "cfg_triplets", "mpgd", "smc", "svdd")  # methods to run
@@ -133,7 +126,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   m.smc_particles = 4           # TDS particles per sample (K)
   m.svdd_candidates = 4         # SVDD candidates per step (M)
   m.noisy_classifier_steps = 2000  # classifier guidance: Adam steps of p(y | x_t, t)
-  s = c.studies = ml_collections.ConfigDict()  # ctrl_jax.studies (python -m ctrl_jax.launch.study)
+  # ctrl_jax.baselines.studies (python -m ctrl_jax.launch.study)
+  s = c.studies = ml_collections.ConfigDict()
   s.num_labels = (50, 100, 300, 1000)  # "labels": CTRL vs CFG on triplets per label budget
   s.gammas = (0.3, 1.0, 3.0)    # "gamma": reward weights γ (kl_weight fixed)
   s.lora_ranks = (1, 4, 16)     # "lora": LoRA ranks …
@@ -147,7 +141,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
                                 #   inkc runs diverged once the reward saturated
   b = c.baselines = ml_collections.ConfigDict()
   b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of
-                                #   ctrl_jax.cfg_triplets.default_cfg_config() (1000 steps, …)
+                                #   ctrl_jax.baselines.cfg_triplets.default_cfg_config()
+                                #   (1000 steps, …)
 
   if variant == "ink":
     pass
@@ -156,11 +151,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     c.reward_weights = (1.0, 2.0)  # edge2 counts double (as the official multi-task loss weights
                                    #   its harder task): joint acc 0.850 vs 0.805 with (1, 1)
     c.reference_grad_from = 0      # the exact KL gradient in every update (no time budget here)
-    c.num_updates = 300            # the `ink` recipe otherwise (cosine, warm-up 15, remat).
-                                   #   Session 11, seeds 0 / 1: joint acc 0.926 / 0.934, digit
-                                   #   acc 0.986 / 0.989 (CTRL 592 / 687 s). The session-6
-                                   #   setting (constant lr, biased gradient, 210 updates):
-                                   #   0.912 / 0.877 (README)
+    c.num_updates = 300            # the `ink` recipe otherwise (cosine, warm-up 15, remat);
+                                   #   results: docs/results/digits_multitask.md
   elif variant == "quick":      # CI-sized: same code path, tiny budgets
     p.block_out_channels = (64,)  # one level (attention in the mid block only): the same
                                   #   FLOPs per step as (32, 64) but half the layers to compile

@@ -15,10 +15,10 @@ import sd_common  # noqa: E402  pylint: disable=g-import-not-at-top
 def get_config(variant: str = "official"):
   c = sd_common.base_config("multitask")
   c.reward_weights = (1.0, 2.0)  # (aesthetic, compress2): 2 · NLL_compress + NLL_aesthetic
-  c.lr_lora = 3e-4              # §6
-  c.lr_label_embedding = 1e-2   # §6
-  c.trajectories_per_update = 512  # §6
-  c.eval.samples_per_class = 128  # §7: 128 per (y1, y2) cell
+  c.lr_lora = 3e-4              # docs/method.md §7
+  c.lr_label_embedding = 1e-2   # docs/method.md §7
+  c.trajectories_per_update = 512  # docs/method.md §7
+  c.eval.samples_per_class = 128  # docs/method.md §8: 128 per (y1, y2) cell
   c = sd_common.tiny(c) if variant == "tiny" else c
   if variant == "tiny":
     c.eval.samples_per_class = 1

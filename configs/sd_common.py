@@ -1,4 +1,4 @@
-"""The shared Stable Diffusion CTRL config (official settings, ../shared/CTRL_METHOD.md §4–§7).
+"""The shared Stable Diffusion CTRL config (official settings: docs/method.md).
 
 Not a run config itself: configs/aesthetic.py, compressibility.py and multitask.py build on it.
 """
@@ -15,7 +15,7 @@ EVAL_PROMPTS = ("cat", "dog", "horse", "monkey", "rabbit", "butterfly", "peacock
 
 def base_config(task: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.problem = "sd"              # problem builder (ctrl_jax.experiment.PROBLEM_BUILDERS)
+  c.problem = "sd"              # which problem (ctrl_jax.problems.base registry)
   c.task = task                 # "aesthetic" | "compressibility" | "multitask"
   c.variant = "official"        # recorded in outputs
   c.seed = 0                    # LoRA init, requests, noise
@@ -40,7 +40,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.remat_policy = "nothing_saveable"  # jax.checkpoint per UNet call
   c.reference_grad = True       # differentiate through the reference model's input (official)
 
-  # Model and optimiser (§6): AdamW β 0.9/0.999, wd 0.1, clip 5, no schedule.
+  # Model and optimiser (§7): AdamW β 0.9/0.999, wd 0.1, clip 5, no schedule.
   c.lora_rank = 4               # LoRA rank on attention q/k/v/out
   c.lr_lora = 1e-4              # per task below
   c.lr_label_embedding = 5e-3   # per task below
@@ -53,9 +53,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.num_updates = 60            # updates ("epochs" of the official code: one update each)
   c.log_every = 1               # scalars every n updates
   c.checkpoint_every = 1        # orbax checkpoint every n updates (an update is minutes)
-  c.max_checkpoints = 60        # keep all: the best checkpoint is chosen afterwards (§6)
+  c.max_checkpoints = 60        # keep all: the best checkpoint is chosen afterwards (§7)
 
-  # Stage: reward classifiers p̂(y | x) (§5); `python -m ctrl_jax.launch.fit_classifier`.
+  # Stage: reward classifiers p̂(y | x) (§6); `python -m ctrl_jax.launch.fit_classifier`.
   k = c.classifier = ml_collections.ConfigDict()
   k.clip_model = "openai/clip-vit-large-patch14"  # CLIP ViT-L/14 folder (PyTorch safetensors
                                 #   or Flax) or hub id: the aesthetic ground truth's tower
@@ -78,7 +78,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   k.cnn_width = 32              # compressibility CNN: channels of the first block
   k.cnn_input_size = 128        # compressibility CNN: images resized to this first
 
-  # Evaluation (§7): ground truths on the 8 eval prompts.
+  # Evaluation (§8): ground truths on the 8 eval prompts.
   e = c.eval = ml_collections.ConfigDict()
   e.run_after_finetune = True   # the finetune launcher evaluates when training ends
   e.prompts = EVAL_PROMPTS      # evaluation prompts

@@ -10,7 +10,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.problem = "tiny"            # which problem builder (ctrl_jax.experiment.PROBLEM_BUILDERS)
+  c.problem = "tiny"            # which problem (ctrl_jax.problems.base registry)
   c.seed = 0                    # seeds model init, requests, noise: same seed ⇒ same run
   c.latent_shape = (4, 8, 8)    # (C, H, W) of the latents
   c.task_classes = (2,)         # classes per task (one task: a 2-class linear probe)

@@ -1,14 +1,13 @@
 """ctrl_jax: CTRL (arXiv 2406.12120) in pure JAX.
 
-Modules, one per concept:
-  schedules   noise schedules and DDIM timestep spacing
-  sampling    DDIM step, guided ε, the side-by-side CTRL trajectory with per-step KL
-  objective   path KL conventions, reward, the CTRL loss
-  train       optimiser, train state, the jitted train step
-  sharding    device meshes and shardings
-  checkpoint  orbax checkpoints
-  experiment  the fine-tuning loop (resume, logging, checkpoints)
-  digits      the sklearn-digits problem: splits, label rules, reward classifier, judges
-  models/     everything that touches diffusers / transformers (augmented UNet, LoRA)
+Layers, bottom up; an import never points up (tests/test_layers.py):
+  runtime/    loop, checkpoints, progress and scalars, meshes, huge pages, background compile
+  models/     networks and weights I/O: everything that touches diffusers / transformers
+  core/       the method as pure functions: schedules, DDIM trajectory + path KL, objective,
+              rewards, calibration, sampling p(x | c, y), the train step
+  problems/   the problem protocol and registry; digits, Stable Diffusion, tiny
+  experiment  fine-tuning and evaluation through the problem protocol; export
+  baselines/  guidance methods, CFG on triplets, the comparison and the studies
+  launch/     absl mains
 """
 __version__ = "0.1.0"

@@ -5,110 +5,27 @@ does per step is the pure, jitted `train.make_train_step`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from ctrl_jax import background_compile
-from ctrl_jax import checkpoint
-from ctrl_jax import loop
-from ctrl_jax import rewards
-from ctrl_jax import sharding as shd
-from ctrl_jax import train
+from ctrl_jax.core import rewards
+from ctrl_jax.core import train
+from ctrl_jax.problems import base
+from ctrl_jax.runtime import background_compile
+from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import loop
+from ctrl_jax.runtime import sharding as shd
 
 
-@dataclasses.dataclass
-class Problem:
-  """A CTRL problem ready to train.
-
-  Attributes:
-    setup: static description (model, reward, trajectory options).
-    frozen: frozen inputs of the train step except "hparams" (UNet, reward, decoder params,
-      contexts [P, L, D], uncond_context [L, D], schedule).
-    params: initial trainable parameters.
-    num_prompts: P, the number of conditions c to draw from.
-    info: what the builder's earlier stages reported (e.g. classifier metrics).
-  """
-  setup: train.CtrlSetup
-  frozen: dict
-  params: dict
-  num_prompts: int
-  info: dict = dataclasses.field(default_factory=dict)
-
-
-def _build_tiny(config: ml_collections.ConfigDict, workdir: str) -> Problem:
-  del workdir
-  from ctrl_jax import tiny_problem  # pylint: disable=g-import-not-at-top
-  setup, frozen, params = tiny_problem.build(
-      jax.random.key(config.seed), batch_latent=tuple(config.latent_shape),
-      num_steps=config.num_inference_steps, task_classes=tuple(config.task_classes),
-      use_cfg=config.use_cfg, truncation=config.truncation, truncation_k=config.truncation_k,
-      lora_rank=config.lora_rank, remat_policy=config.remat_policy or None,
-      reference_grad=config.reference_grad, kl_convention=config.kl_convention,
-      num_prompts=config.num_prompts,
-      reference_grad_from=config.get("reference_grad_from", 0))
-  frozen.pop("hparams")
-  return Problem(setup=setup, frozen=frozen, params=params, num_prompts=config.num_prompts)
-
-
-def _build_digits(config: ml_collections.ConfigDict, workdir: str, setup=None,
-                  on_running=None) -> Problem:
-  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top  (imports us)
-  return digits_pipeline.build_problem(config, workdir, setup=setup, on_running=on_running)
-
-
-def _abstract_digits(config: ml_collections.ConfigDict) -> Problem:
-  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top  (imports us)
-  return digits_pipeline.abstract_problem(config)
-
-
-def _build_sd(config: ml_collections.ConfigDict, workdir: str) -> Problem:
-  from ctrl_jax import sd_pipeline  # pylint: disable=g-import-not-at-top  (imports us)
-  return sd_pipeline.build_problem(config, workdir)
-
-
-PROBLEM_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str], Problem]] = {
-    "tiny": _build_tiny,
-    "digits": _build_digits,
-    "sd": _build_sd,
-}
-
-
-# Problems whose train step can be compiled before their builder runs: config → the Problem
-# the builder will return, with ShapeDtypeStruct frozen / params. Their builder takes `setup=`
-# (use this one) and `on_running=` (call it once, when its slow work is under way).
-ABSTRACT_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Problem]] = {
-    "digits": _abstract_digits,
-}
-
-
-def register_problem(name: str, builder: Callable[[ml_collections.ConfigDict, str], Problem]):
-  PROBLEM_BUILDERS[name] = builder
-
-
-def build_problem(config: ml_collections.ConfigDict, workdir: str) -> Problem:
-  if config.problem not in PROBLEM_BUILDERS:
-    raise ValueError(f"config.problem={config.problem!r}; expected one of "
-                     f"{sorted(PROBLEM_BUILDERS)}.")
-  return PROBLEM_BUILDERS[config.problem](config, workdir)
-
-
-def sample_requests(seed: int, step: int, label_space: rewards.LabelSpace, num_prompts: int,
-                    num_micro: int, micro_batch: int) -> dict:
-  """The (c, y) requests of update `step`: a function of (seed, step) only, so a resumed run
-  sees the same batches. c uniform over prompts, y uniform over each task's classes."""
-  rng = np.random.default_rng([seed, step])
-  n = num_micro * micro_batch
-  y = rewards.sample_labels(rng, label_space, n)
-  prompt = rng.integers(0, num_prompts, size=n).astype(np.int32)
-  return {"prompt": prompt.reshape(num_micro, micro_batch),
-          "y": y.reshape(num_micro, micro_batch, -1)}
+def build_problem(config: ml_collections.ConfigDict, workdir: str) -> base.Problem:
+  """The problem `config.problem` names, its missing earlier stages run."""
+  return base.get(config.problem).build(config, workdir)
 
 
 def batch_arithmetic(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
@@ -149,11 +66,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      "deterministic and the KL is undefined); set eta > 0 or kl_weight = 0.")
 
 
-def hparams_of(config: ml_collections.ConfigDict) -> dict:
-  return train.make_hparams(gamma=config.gamma, kl_weight=config.kl_weight,
-                            guidance_scale=config.guidance_scale, eta=config.eta)
-
-
 def make_optimizer(config: ml_collections.ConfigDict):
   return train.make_optimizer(
       lr_lora=config.lr_lora, lr_label_embedding=config.lr_label_embedding,
@@ -164,7 +76,7 @@ def make_optimizer(config: ml_collections.ConfigDict):
 
 
 def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
-                   problem: Problem) -> tuple[dict, int]:
+                   problem: base.Problem) -> tuple[dict, int]:
   """(trainable params, update number) of the latest CTRL checkpoint in `workdir`."""
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "finetune", "ckpt"))
   try:
@@ -180,9 +92,9 @@ def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
 
 def abstract_batch(label_space: rewards.LabelSpace, num_micro: int, micro: int,
                    sharding) -> dict:
-  """ShapeDtypeStructs of `sample_requests(...)` placed with `sharding` (shapes and dtypes
+  """ShapeDtypeStructs of `rewards.sample_requests(...)` placed with `sharding` (shapes and dtypes
   taken from a real, cheap, host-side batch, so they cannot drift from it)."""
-  example = sample_requests(0, 0, label_space, 1, num_micro, micro)
+  example = rewards.sample_requests(0, 0, label_space, 1, num_micro, micro)
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), example)
 
@@ -211,7 +123,7 @@ def step_memory(step_fn, *args) -> dict[str, float]:
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str,
-             problem: Problem | None = None, measure_memory: bool = False) -> dict[str, Any]:
+             problem: base.Problem | None = None, measure_memory: bool = False) -> dict[str, Any]:
   """Runs (or resumes) CTRL fine-tuning; returns the final params and run info.
 
   Writes `workdir/finetune/ckpt/<step>` (orbax; state = {"step", "params", "opt"}),
@@ -230,12 +142,13 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   background = None
   finished = checkpoint.latest_step(
       os.path.join(workdir, "finetune", "ckpt")) == config.num_updates
-  if (problem is None and config.problem in ABSTRACT_BUILDERS and not finished
+  hooks = None if problem is not None else base.get(config.problem)
+  if (hooks is not None and hooks.abstract is not None and not finished
       and config.get("background_compile", True)):
     # Compile the train step from shapes while the earlier stages (pre-training, classifier)
     # run; the builder then uses the same setup, so the first update reuses the executable.
     # Started once pre-training's own step has compiled, not to slow that compilation down.
-    abstract = ABSTRACT_BUILDERS[config.problem](config)
+    abstract = hooks.abstract(config)
     step_fn = train.make_train_step(abstract.setup, optimizer, mesh)
     started = []
 
@@ -244,20 +157,20 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
           step_fn, _abstract_state(abstract.params, optimizer, repl),
           abstract_batch(abstract.setup.label_space, num_micro, micro, batch_sharding),
           background_compile.abstract_like(key, repl),
-          background_compile.abstract_like({**abstract.frozen, "hparams": hparams_of(config)},
-                                           repl), name="train_step"))
+          background_compile.abstract_like(
+              {**abstract.frozen, "hparams": train.hparams_from_config(config)}, repl),
+          name="train_step"))
 
-    problem = PROBLEM_BUILDERS[config.problem](config, workdir, setup=abstract.setup,
-                                               on_running=start_compiling)
+    problem = hooks.build(config, workdir, setup=abstract.setup, on_running=start_compiling)
     if not started:
       start_compiling()
     background = started[0]
   else:
-    problem = problem or build_problem(config, workdir)
+    problem = problem or hooks.build(config, workdir)
     step_fn = train.make_train_step(problem.setup, optimizer, mesh)
   t_start = time.time()
   setup = problem.setup
-  frozen = jax.device_put({**problem.frozen, "hparams": hparams_of(config)}, repl)
+  frozen = jax.device_put({**problem.frozen, "hparams": train.hparams_from_config(config)}, repl)
   state = train.create_train_state(problem.params, optimizer, mesh)
   if background is not None and not background.done():
     print("[finetune] waiting for the train step's background compilation", flush=True)
@@ -268,8 +181,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   def batch_fn(step):
     # Placed explicitly: a multi-process jit refuses numpy inputs with non-trivial shardings
     # (every process computes the same global requests from (seed, step)).
-    return jax.device_put(sample_requests(config.seed, step, setup.label_space,
-                                          problem.num_prompts, num_micro, micro), batch_sharding)
+    return jax.device_put(rewards.sample_requests(config.seed, step, setup.label_space,
+                                                  problem.num_prompts, num_micro, micro),
+                          batch_sharding)
 
   calls = []  # host time after each call: the first includes compilation
   first_call_compiles = []
@@ -317,11 +231,16 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, params: dict | None = None) -> dict:
-  """Runs the problem's evaluation (digits benchmark, SD) on the run in `workdir`."""
-  if config.problem == "digits":
-    from ctrl_jax import digits_eval  # pylint: disable=g-import-not-at-top  (imports us)
-    return digits_eval.evaluate(config, workdir, params)
-  if config.problem == "sd":
-    from ctrl_jax import sd_eval  # pylint: disable=g-import-not-at-top  (imports us)
-    return sd_eval.evaluate(config, workdir, params)
-  raise ValueError(f"config.problem={config.problem!r} has no evaluation; 'digits' and 'sd' do.")
+  """Runs the problem's evaluation of the CTRL run in `workdir` (its latest checkpoint unless
+  `params` is given): DIR/eval/."""
+  hooks = base.get(config.problem)
+  run_evaluation = base.hook(config.problem, "evaluate")
+  for stage in hooks.required_stages:
+    if params is None and not os.path.exists(os.path.join(workdir, stage, "info.json")):
+      raise FileNotFoundError(f"{workdir!r} has no finished {stage} stage; run "
+                              "`python -m ctrl_jax.launch.finetune` with this --workdir first.")
+  problem = hooks.build(config, workdir)
+  if params is None:
+    params, step = load_finetuned(config, workdir, problem)
+    print(f"[eval] fine-tuned params from update {step}", flush=True)
+  return run_evaluation(config, workdir, problem, params)

@@ -8,6 +8,7 @@ import pytest
 
 from ctrl_jax.models import aesthetic
 from ctrl_jax.models import weights
+from ctrl_jax.problems.sd import aesthetic as aesthetic_head
 
 torch = pytest.importorskip("torch")
 
@@ -169,12 +170,12 @@ def test_fit_head_and_classifier(tiny_clip):
   emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
   labels = (emb @ rng.normal(size=16) > 0).astype(np.int32)
   kwargs = dict(epochs=15, batch=64)
-  params, info = aesthetic.fit_head(emb, labels, seed=3, **kwargs)
+  params, info = aesthetic_head.fit_head(emb, labels, seed=3, **kwargs)
   assert info["train_acc"] >= 0.9, info
   assert np.isfinite(info["temperature"]) and info["temperature"] > 0
   assert info["nll_after"] <= info["nll_before"] + 1e-12
   assert info["num_train"] + info["num_calib"] == 400
-  params2, _ = aesthetic.fit_head(emb, labels, seed=3, **kwargs)
+  params2, _ = aesthetic_head.fit_head(emb, labels, seed=3, **kwargs)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
 
   _, clip_model, clip_params = tiny_clip
@@ -191,16 +192,16 @@ def test_fit_head_and_classifier(tiny_clip):
 def test_load_embeddings_npz(tmp_path):
   path = str(tmp_path / "emb.npz")
   np.savez(path, embeddings=np.full((4, 3), 2.0, np.float32), scores=np.arange(4.0))
-  emb, scores = aesthetic.load_embeddings_npz(path)
+  emb, scores = aesthetic_head.load_embeddings_npz(path)
   assert emb.shape == (4, 3) and scores.shape == (4,) and scores.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-6)
   with pytest.raises(FileNotFoundError, match="nope.npz"):
-    aesthetic.load_embeddings_npz(str(tmp_path / "nope.npz"))
+    aesthetic_head.load_embeddings_npz(str(tmp_path / "nope.npz"))
   bad = str(tmp_path / "bad.npz")
   np.savez(bad, emb=np.ones((4, 3)), scores=np.ones(4))
   with pytest.raises(ValueError, match=r"bad\.npz.*'embeddings'"):
-    aesthetic.load_embeddings_npz(bad)
+    aesthetic_head.load_embeddings_npz(bad)
   shape = str(tmp_path / "shape.npz")
   np.savez(shape, embeddings=np.ones((4, 3)), scores=np.ones(5))
   with pytest.raises(ValueError, match=r"shape\.npz"):
-    aesthetic.load_embeddings_npz(shape)
+    aesthetic_head.load_embeddings_npz(shape)

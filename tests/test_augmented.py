@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctrl_jax import tiny_problem
 from ctrl_jax.models import augmented
 from ctrl_jax.models import unet as unet_lib
+from ctrl_jax.problems import tiny as tiny_problem
 
 
 @pytest.fixture(scope="module")

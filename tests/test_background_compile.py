@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctrl_jax import background_compile
-from ctrl_jax import sharding as shd
+from ctrl_jax.runtime import background_compile
+from ctrl_jax.runtime import sharding as shd
 
 
 def _step(mesh):

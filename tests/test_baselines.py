@@ -1,5 +1,5 @@
-"""Tests of `ctrl_jax.baselines` on a closed-form problem: Gaussian data N(μ, s²I) (exact ε)
-and a probit "classifier" p̂(y=1 | x) = Φ(a·x + b), whose noisy version p(y | x_t) and whose
+"""Tests of `ctrl_jax.baselines.guidance` on a closed-form problem: Gaussian data N(μ, s²I)
+(exact ε) and a probit "classifier" p̂(y=1 | x) = Φ(a·x + b), whose noisy version p(y | x_t) and whose
 posterior E[a·x0 | y] are known in closed form. No UNet except in the digits wiring test."""
 import collections
 import functools
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from jax.scipy.stats import norm
 
-from ctrl_jax import baselines
-from ctrl_jax import digits_model
-from ctrl_jax import digits_pipeline
-from ctrl_jax import train
+from ctrl_jax.baselines import guidance
+from ctrl_jax.core import train
+from ctrl_jax.core.sampling import ddim_sample
 from ctrl_jax.models import unet as unet_lib
-from ctrl_jax.sampling import ddim_sample
-from ctrl_jax.schedules import ddim_timesteps, make_schedule
+from ctrl_jax.problems.digits import model as digits_model
+from ctrl_jax.problems.digits import stages as digits_stages
+from ctrl_jax.core.schedules import ddim_timesteps, make_schedule
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "configs"))
@@ -108,29 +108,29 @@ def _jit(name, fn):
 SAMPLERS = {
     "ddim": _jit("ddim", lambda xt, y, eta, w: ddim_sample(
         lambda _, x, t: gaussian_eps(x, t), None, SCHED, TS, xt, KEY, eta)),
-    "cg": _jit("cg", lambda xt, y, eta, w: baselines.classifier_guidance_sample(
+    "cg": _jit("cg", lambda xt, y, eta, w: guidance.classifier_guidance_sample(
         gaussian_eps, noisy_probit_log_prob, SCHED, TS, xt, y, KEY, eta, w)),
-    "mpgd_normalized": _jit("mpgd_normalized", lambda xt, y, eta, w: baselines.mpgd_sample(
+    "mpgd_normalized": _jit("mpgd_normalized", lambda xt, y, eta, w: guidance.mpgd_sample(
         gaussian_eps, probit_log_prob, SCHED, TS, xt, y, KEY, eta, w, normalize=True)),
 }
 for _jac in (True, False):
   SAMPLERS[f"dps_jac={_jac}"] = _jit(f"dps_jac={_jac}", functools.partial(
-      lambda xt, y, eta, w, jac: baselines.dps_sample(
+      lambda xt, y, eta, w, jac: guidance.dps_sample(
           gaussian_eps, probit_log_prob, SCHED, TS, xt, y, KEY, eta, w, use_unet_jacobian=jac),
       jac=_jac))
 for _implied in (True, False):
   SAMPLERS[f"mpgd_implied={_implied}"] = _jit(f"mpgd_implied={_implied}", functools.partial(
-      lambda xt, y, eta, w, implied: baselines.mpgd_sample(
+      lambda xt, y, eta, w, implied: guidance.mpgd_sample(
           gaussian_eps, probit_log_prob, SCHED, TS, xt, y, KEY, eta, w, implied_eps=implied),
       implied=_implied))
 for _m in (1, 8):
   SAMPLERS[f"svdd_M={_m}"] = _jit(f"svdd_M={_m}", functools.partial(
-      lambda xt, y, eta, alpha, m: baselines.svdd_sample(
+      lambda xt, y, eta, alpha, m: guidance.svdd_sample(
           gaussian_eps, probit_log_prob, SCHED, TS, xt, y, KEY, eta, alpha, num_candidates=m),
       m=_m))
-for _p in baselines.SMC_PROPOSALS:  # x_T [B, K, ...]; returns (x0, diagnostics)
+for _p in guidance.SMC_PROPOSALS:  # x_T [B, K, ...]; returns (x0, diagnostics)
   SAMPLERS[f"smc_{_p}"] = _jit(f"smc_{_p}", functools.partial(
-      lambda xt, y, eta, w, p: baselines.smc_sample(
+      lambda xt, y, eta, w, p: guidance.smc_sample(
           gaussian_eps, probit_log_prob, SCHED, TS, xt, y, KEY, eta, w, 0.5, proposal=p),
       p=_p))
 
@@ -172,7 +172,7 @@ def test_svdd_with_one_candidate_is_ddim(unguided):
   _same(SAMPLERS["svdd_M=1"](x_T(), Y1, ETA, 1.0), unguided, atol=2e-6)
 
 
-@pytest.mark.parametrize("proposal", baselines.SMC_PROPOSALS)
+@pytest.mark.parametrize("proposal", guidance.SMC_PROPOSALS)
 def test_smc_with_weight_zero_is_ddim_on_every_particle(unguided, proposal):
   """Constant twist: equal weights, never resampled, every particle is the DDIM sample of the
   flattened [B·K] batch (to float rounding, as for SVDD); the returned sample is the chosen
@@ -191,7 +191,7 @@ def test_smc_with_weight_zero_is_ddim_on_every_particle(unguided, proposal):
 def test_per_request_weights(unguided):
   """weight [B]: requests with w = 0 are exactly DDIM, the others are guided."""
   w = jnp.asarray(np.arange(N) % 2, jnp.float32)
-  out = np.asarray(baselines.dps_sample(gaussian_eps, probit_log_prob, SCHED, TS, x_T(), Y1, KEY,
+  out = np.asarray(guidance.dps_sample(gaussian_eps, probit_log_prob, SCHED, TS, x_T(), Y1, KEY,
                                         ETA, w, use_unet_jacobian=False))
   np.testing.assert_array_equal(out[0::2], np.asarray(unguided)[0::2])
   assert mean_p(out[1::2]) > mean_p(np.asarray(unguided)[1::2]) + 0.3
@@ -203,12 +203,12 @@ def test_per_request_weights(unguided):
 def test_normalize_log_weights_rows_sum_to_one():
   log_w = jnp.asarray([[0.0, 1.0, -2.0], [-1e4, -1e4 + 1, -jnp.inf], [-jnp.inf] * 3,
                        [jnp.nan, 0.0, 0.0]])
-  w = np.asarray(baselines.normalize_log_weights(log_w))
+  w = np.asarray(guidance.normalize_log_weights(log_w))
   np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_allclose(w[1], [1 / (1 + math.e), math.e / (1 + math.e), 0.0], rtol=1e-5)
   np.testing.assert_allclose(w[2], 1 / 3)  # no finite entry: uniform
   np.testing.assert_allclose(w[3], [0.0, 0.5, 0.5])
-  ess = np.asarray(baselines.effective_sample_size(log_w))
+  ess = np.asarray(guidance.effective_sample_size(log_w))
   np.testing.assert_allclose(ess[2], 3.0, rtol=1e-6)
 
 
@@ -216,14 +216,14 @@ def test_resample_keeps_k_particles_and_respects_the_weights():
   k = 8
   one_hot = jnp.full((3, k), -jnp.inf).at[0, 5].set(0.0).at[1, 0].set(0.0).at[2, k - 1].set(0.0)
   for seed in range(5):
-    idx = np.asarray(baselines.resample(jax.random.key(seed), one_hot))
+    idx = np.asarray(guidance.resample(jax.random.key(seed), one_hot))
     assert idx.shape == (3, k) and idx.dtype == np.int32
     np.testing.assert_array_equal(idx, [[5] * k, [0] * k, [k - 1] * k])
   # Systematic: particle j appears ⌊K w_j⌋ or ⌈K w_j⌉ times; zero weights never.
   w = np.random.default_rng(0).dirichlet(np.ones(k), size=200)
   w[:, 3] = 0.0
   w /= w.sum(-1, keepdims=True)
-  idx = np.asarray(baselines.resample(jax.random.key(1), jnp.log(jnp.asarray(w))))
+  idx = np.asarray(guidance.resample(jax.random.key(1), jnp.log(jnp.asarray(w))))
   counts = np.stack([np.bincount(r, minlength=k) for r in idx])
   assert (counts >= np.floor(k * w) - 1e-6).all() and (counts <= np.ceil(k * w) + 1e-6).all()
   assert (counts[:, 3] == 0).all() and (counts.sum(-1) == k).all()
@@ -244,7 +244,7 @@ def guided():
 @pytest.fixture(scope="module")
 def smc_runs():
   xt = x_T(seed=1).reshape((SMC_B, SMC_K) + ITEM)
-  return {p: SAMPLERS[f"smc_{p}"](xt, Y1[:SMC_B], ETA, 1.0) for p in baselines.SMC_PROPOSALS}
+  return {p: SAMPLERS[f"smc_{p}"](xt, Y1[:SMC_B], ETA, 1.0) for p in guidance.SMC_PROPOSALS}
 
 
 def test_every_baseline_raises_the_asked_class_probability(guided, smc_runs, unguided):
@@ -285,7 +285,7 @@ def test_smc_and_exact_classifier_guidance_reach_the_known_posterior(unguided, g
         f"{tilted:.3f}, unguided {a_x.mean():.3f}; "
         + ", ".join(f"{k} {v:.3f}" for k, v in got.items()) + f"; mean ESS {ess}")
   assert abs(got["cg"] - true) < 0.1
-  for p in baselines.SMC_PROPOSALS:  # 3 standard errors of a mean over 256 requests
+  for p in guidance.SMC_PROPOSALS:  # 3 standard errors of a mean over 256 requests
     assert abs(got[f"smc_{p}"] - tilted) < 0.15, (p, got, tilted)  # measured 0.03, 0.08
   assert ess["twisted"] > ess["ddim"]  # the twisted proposal keeps the weights more even
 
@@ -314,7 +314,7 @@ def test_jitted_samplers_do_not_recompile_for_new_weights(name):
 
 
 def test_unet_evals_per_sample():
-  f = baselines.unet_evals_per_sample
+  f = guidance.unet_evals_per_sample
   assert f("ddim", 50) == 100 and f("ddim", 50, cfg=False) == 50
   assert f("dps", 50, use_unet_jacobian=True) == 200 and f("dps", 50) == 100
   assert f("mpgd", 50) == f("classifier_guidance", 50) == 100
@@ -338,8 +338,8 @@ def test_noisy_digit_classifier_fits_and_guides_an_8x8_gaussian():
   images = (x0[:, 0] + 1.0) / 2.0
   labels = (images.mean((1, 2)) > 0.5).astype(np.int32)
   kwargs = dict(hidden=(64,), time_dim=32)
-  module = baselines.NoisyDigitClassifier(2, **kwargs)
-  params = baselines.fit_noisy_classifier(images, labels, 2, SCHED, seed=0, steps=600, lr=3e-3,
+  module = guidance.NoisyDigitClassifier(2, **kwargs)
+  params = guidance.fit_noisy_classifier(images, labels, 2, SCHED, seed=0, steps=600, lr=3e-3,
                                           batch=256, **kwargs)
   for t in (0, 50, 300, 999):
     # Bayes-optimal accuracy: sign of mean(x0) [std s/8] from mean(x_t) = √ᾱ mean(x0) + noise
@@ -351,8 +351,8 @@ def test_noisy_digit_classifier_fits_and_guides_an_8x8_gaussian():
     acc = float((np.asarray(logits).argmax(-1) == labels).mean())
     print(f" t={t}: acc {acc:.3f} (Bayes {bayes:.3f})", end="")
     assert bayes - 0.08 <= acc <= bayes + 0.04, (t, acc, bayes)  # measured: ≤ 0.05 below
-  one = baselines.make_noisy_log_prob_fn([module], [1.0])
-  two = baselines.make_noisy_log_prob_fn([module, module], [1.0, 0.5])
+  one = guidance.make_noisy_log_prob_fn([module], [1.0])
+  two = guidance.make_noisy_log_prob_fn([module, module], [1.0, 0.5])
   y2 = jnp.stack([jnp.ones(64, jnp.int32), jnp.zeros(64, jnp.int32)], -1)
   xs = jnp.asarray(x0[:64])
   np.testing.assert_allclose(
@@ -367,7 +367,7 @@ def test_noisy_digit_classifier_fits_and_guides_an_8x8_gaussian():
   xt = jnp.asarray(rng.standard_normal((256, 1, 8, 8)), jnp.float32)
   y = jnp.ones((256, 1), jnp.int32)
   ts = jnp.asarray(ddim_timesteps(1000, 20))
-  guided = jax.jit(lambda xt: baselines.classifier_guidance_sample(
+  guided = jax.jit(lambda xt: guidance.classifier_guidance_sample(
       eps8, lambda x, t, y: one([params], x, t, y), SCHED, ts, xt, y, KEY, ETA, 1.0))(xt)
   plain = jax.jit(lambda xt: ddim_sample(lambda _, x, t: eps8(x, t), None, SCHED, ts, xt, KEY,
                                          ETA))(xt)
@@ -392,9 +392,9 @@ def test_digits_wiring_with_a_random_unet():
   rng = np.random.default_rng(0)  # random weights without compiling the Flax init
   pre = jax.tree_util.tree_map(
       lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype), abstract)
-  modules = digits_pipeline.classifier_modules(config.task)
+  modules = digits_stages.classifier_modules(config.task)
   cls = [m.init(jax.random.key(1), jnp.zeros((1, 8, 8))) for m in modules]
-  setup = digits_pipeline.build_setup(config, unet, modules)
+  setup = digits_stages.build_setup(config, unet, modules)
   ctx, null_ctx = digits_model.contexts(pre)
   frozen = {"unet": pre["unet"], "reward": cls, "decoder": None, "contexts": ctx,
             "uncond_context": null_ctx, "schedule": digits_model.make_schedule(config.pretrain),
@@ -405,19 +405,19 @@ def test_digits_wiring_with_a_random_unet():
   y = jnp.asarray([[0], [2]], jnp.int32)
   sched, ts = frozen["schedule"], jnp.asarray(setup.timesteps)
   xt = jax.random.normal(jax.random.key(2), (b, 1, 8, 8))
-  eps_fn = baselines.pretrained_eps_fn(setup, frozen, c)
-  log_prob = baselines.digits_log_prob_fn(setup, frozen)
+  eps_fn = guidance.pretrained_eps_fn(setup, frozen, c)
+  log_prob = guidance.digits_log_prob_fn(setup, frozen)
   ref = jax.jit(lambda xt: ddim_sample(lambda _, x, t: eps_fn(x, t), None, sched, ts, xt, KEY,
                                        1.0))(xt)
-  dps = jax.jit(functools.partial(baselines.dps_sample, eps_fn, log_prob,
+  dps = jax.jit(functools.partial(guidance.dps_sample, eps_fn, log_prob,
                                   use_unet_jacobian=True))
   _same(dps(sched, ts, xt, y, KEY, 1.0, 0.0), ref, atol=1e-4)  # measured: bit-identical
   assert np.isfinite(np.asarray(dps(sched, ts, xt, y, KEY, 1.0, 5.0))).all()
-  eps_k = baselines.pretrained_eps_fn(setup, frozen, baselines.repeat_requests(c, k))
-  out = jax.jit(lambda xt: baselines.svdd_sample(eps_k, log_prob, sched, ts, xt, y, KEY, 1.0,
+  eps_k = guidance.pretrained_eps_fn(setup, frozen, guidance.repeat_requests(c, k))
+  out = jax.jit(lambda xt: guidance.svdd_sample(eps_k, log_prob, sched, ts, xt, y, KEY, 1.0,
                                                  1.0, num_candidates=k))(xt)
   assert out.shape == xt.shape and np.isfinite(np.asarray(out)).all()
-  out, diag = jax.jit(lambda xt: baselines.smc_sample(
+  out, diag = jax.jit(lambda xt: guidance.smc_sample(
       eps_k, log_prob, sched, ts, jnp.stack([xt] * k, 1), y, KEY, 1.0, 1.0,
       proposal="ddim"))(xt)
   assert out.shape == xt.shape and np.isfinite(np.asarray(diag.weights)).all()

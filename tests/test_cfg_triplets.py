@@ -12,14 +12,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ctrl_jax import cfg_triplets
-from ctrl_jax import checkpoint
-from ctrl_jax import digits
-from ctrl_jax import digits_eval
-from ctrl_jax import digits_model
-from ctrl_jax import digits_pipeline
-from ctrl_jax import sharding as shd
-from ctrl_jax import train
+from ctrl_jax.baselines import cfg_triplets
+from ctrl_jax.core import generate
+from ctrl_jax.core import train
+from ctrl_jax.problems.digits import data as digits_data
+from ctrl_jax.problems.digits import evaluation as digits_eval
+from ctrl_jax.problems.digits import model as digits_model
+from ctrl_jax.problems.digits import stages as digits_stages
+from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import sharding as shd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -39,7 +40,7 @@ def tiny_config() -> ml_collections.ConfigDict:
 
 def write_fake_pretrain(config, workdir):
   """A random-init p(x | c) saved as a completed pretrain stage (ensure_pretrained reuses it)."""
-  unet, _ = digits_pipeline.pretrained_target(config)
+  unet, _ = digits_stages.pretrained_target(config)
   pre = digits_model.init_params(jax.random.key(0), unet, config.pretrain.context_dim)
   os.makedirs(os.path.join(workdir, "pretrain"))
   checkpoint.save_tree(os.path.join(workdir, "pretrain", "final"), pre)
@@ -63,11 +64,11 @@ def trained(tmp_path_factory, mesh):
 
 
 def test_label_indices_reproduce_sample_label_pairs():
-  splits = digits.load_splits()
-  rule = digits.make_label_rule("multitask", splits["x_train"])
+  splits = digits_data.load_splits()
+  rule = digits_data.make_label_rule("multitask", splits["x_train"])
   for n, seed in ((300, 0), (50, 3)):
     idx = cfg_triplets.sample_label_indices(len(splits["x_train"]), n, seed)
-    x, y = digits.sample_label_pairs(splits["x_train"], rule, n, seed)
+    x, y = digits_data.sample_label_pairs(splits["x_train"], rule, n, seed)
     np.testing.assert_array_equal(splits["x_train"][idx], x)
     d = cfg_triplets.labelled_triplets(splits["x_train"], splits["c_train"], rule, n, seed)
     np.testing.assert_array_equal(d["x"], x)
@@ -90,12 +91,12 @@ def test_cfg_config_defaults_overrides_and_typos():
 def test_training_reduces_the_triplet_loss_and_learns_the_label_table(trained):
   workdir, config, unet, pre, params, info = trained
   cfg = cfg_triplets.cfg_config(config)
-  ls = digits_pipeline.label_space(config.task)
-  model = digits_pipeline.build_setup(
-      config, unet, digits_pipeline.classifier_modules(config.task)).model
+  ls = digits_stages.label_space(config.task)
+  model = digits_stages.build_setup(
+      config, unet, digits_stages.classifier_modules(config.task)).model
   init = model.init_ctrl_params(jax.random.key(cfg.seed), pre["unet"])
-  splits = digits.load_splits()
-  rule = digits.make_label_rule(config.task, splits["x_train"])
+  splits = digits_data.load_splits()
+  rule = digits_data.make_label_rule(config.task, splits["x_train"])
   d = cfg_triplets.labelled_triplets(splits["x_train"], splits["c_train"], rule, 128, 7)
   batch = {"x": jnp.asarray(digits_model.to_model_space(d["x"])), "c": jnp.asarray(d["c"]),
            "label": ls.encode(jnp.asarray(d["y"]))}
@@ -160,22 +161,22 @@ def test_explicit_label_budget_gets_its_own_stage(trained, mesh):
 
 def test_trained_params_plug_into_the_ctrl_sampler(trained):
   _, config, unet, pre, params, _ = trained
-  setup = digits_pipeline.build_setup(config, unet,
-                                      digits_pipeline.classifier_modules(config.task))
+  setup = digits_stages.build_setup(config, unet,
+                                      digits_stages.classifier_modules(config.task))
   ctx, null_ctx = digits_model.contexts(pre)
   frozen = {"unet": pre["unet"], "reward": None, "decoder": None, "contexts": ctx,
             "uncond_context": null_ctx, "schedule": digits_model.make_schedule(config.pretrain),
             "hparams": train.make_hparams(gamma=1.0, kl_weight=0.0,
                                           guidance_scale=config.guidance_scale, eta=config.eta)}
   c, y = digits_eval.eval_requests(setup.label_space, 1)  # 30 requests
-  sampler = digits_eval.make_sampler(setup)
-  images = digits_eval.sample_all(sampler, params, frozen, c, y, seed=0, batch_size=16,
+  sampler = generate.make_sampler(setup)
+  images = generate.sample_all(sampler, params, frozen, c, y, seed=0, batch_size=16,
                                   name="cfg_triplets")
   assert images.shape == (len(c), 8, 8) and images.dtype == np.float32
   assert np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
   # The same requests and seeds with the initial params (= the random "pre-trained" model):
   # the learned control changes the samples.
   init = setup.model.init_ctrl_params(jax.random.key(0), pre["unet"])
-  plain = digits_eval.sample_all(sampler, jax.device_get(init), frozen, c, y, seed=0,
+  plain = generate.sample_all(sampler, jax.device_get(init), frozen, c, y, seed=0,
                                  batch_size=16, name="pretrained")
   assert np.abs(images - plain).max() > 1e-2

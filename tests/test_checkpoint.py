@@ -1,4 +1,4 @@
-"""ctrl_jax.checkpoint: restores come back with the target's types (optax state included),
+"""ctrl_jax.runtime.checkpoint: restores come back with the target's types (optax state included),
 and the read-only `latest_step` sees only finished checkpoints and creates nothing."""
 import os
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ctrl_jax import checkpoint
+from ctrl_jax.runtime import checkpoint
 
 
 def _state(scale):

@@ -1,5 +1,5 @@
-"""Tests of `ctrl_jax.compressibility`: JPEG-size ground truth and its bins, the residual-CNN
-reward classifier (temperature, frozen BatchNorm, input gradients), its fit, and the image-folder
+"""Tests of `ctrl_jax.problems.sd.compressibility`: JPEG-size ground truth and its bins, the
+residual-CNN reward classifier (temperature, frozen BatchNorm, input gradients), its fit, and the image-folder
 loader. Tiny CNNs (width 8, input 32) on 64×64 images; the JPEG tests use real 512² encodings."""
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctrl_jax import compressibility as comp
+from ctrl_jax.problems.sd import compressibility as comp
 
 
 def _flat(n, size, value=0.0):

@@ -4,22 +4,22 @@ import json
 import numpy as np
 import pytest
 
-from ctrl_jax import digits
-from ctrl_jax import digits_eval
-from ctrl_jax import digits_pipeline
-from ctrl_jax import digits_plots
+from ctrl_jax.problems.digits import data as digits_data
+from ctrl_jax.problems.digits import evaluation as digits_eval
+from ctrl_jax.problems.digits import plots as digits_plots
+from ctrl_jax.problems.digits import stages as digits_stages
 
 
 @pytest.fixture(scope="module")
 def heldout():
-  splits = digits.load_splits()
-  judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
+  splits = digits_data.load_splits()
+  judge = digits_data.fit_digit_judge(splits["x_train"], splits["c_train"])
   return splits, judge
 
 
 @pytest.mark.parametrize("task", ["ink", "multitask"])
 def test_eval_requests_cover_every_cell_equally(task):
-  ls = digits_pipeline.label_space(task)
+  ls = digits_stages.label_space(task)
   c, y = digits_eval.eval_requests(ls, 5)
   assert y.shape == (10 * ls.num_labels * 5, ls.num_tasks)
   cells = c * ls.num_labels + np.asarray(ls.encode(y))
@@ -32,8 +32,8 @@ def test_score_of_real_digits_with_their_true_labels(heldout, task):
   Fréchet distance to themselves ≈ 0; asked for a wrong class: y-accuracy 0."""
   splits, judge = heldout
   x, c = splits["x_heldout"], splits["c_heldout"]
-  rule = digits.make_label_rule(task, splits["x_train"])
-  ls = digits_pipeline.label_space(task)
+  rule = digits_data.make_label_rule(task, splits["x_train"])
+  ls = digits_stages.label_space(task)
   y = np.asarray(rule.labels(x))
   m = digits_eval.score(x, c, y, rule, judge, judge.features(x), ls)
   assert m["joint_accuracy"] == 1.0

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from ctrl_jax import digits_pipeline
 from ctrl_jax import experiment
+from ctrl_jax.problems.digits import stages as digits_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -85,12 +85,12 @@ def test_the_train_step_compiled_during_pretraining_is_the_one_that_trains(quick
 def test_stages_are_reused_and_a_changed_stage_config_is_refused(quick_run, capsys):
   workdir, _, _ = quick_run
   config = digits_config.get_config("quick")
-  digits_pipeline.ensure_pretrained(config, workdir)
-  digits_pipeline.ensure_classifiers(config, workdir)
+  digits_stages.ensure_pretrained(config, workdir)
+  digits_stages.ensure_classifiers(config, workdir)
   assert "reusing" in capsys.readouterr().out
   config.pretrain.num_steps += 1
   with pytest.raises(ValueError, match="num_steps"):
-    digits_pipeline.ensure_pretrained(config, workdir)
+    digits_stages.ensure_pretrained(config, workdir)
 
 
 def test_killed_finetune_resumes_to_the_uninterrupted_result(quick_run, tmp_path):
@@ -121,7 +121,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(quick_run, tmp_path
   assert "reusing" in rerun.stdout
   assert "[finetune] resumed from" in rerun.stdout
   assert os.path.exists(workdir / "eval" / "metrics.json")
-  problem = digits_pipeline.build_problem(config, str(workdir))
+  problem = digits_stages.build_problem(config, str(workdir))
   params, step = experiment.load_finetuned(config, str(workdir), problem)
   assert step == config.num_updates
   chex.assert_trees_all_close(jax.device_get(params), jax.device_get(out_a["params"]),
@@ -135,8 +135,9 @@ def test_export_sampled_by_a_plain_pytorch_loop_matches_the_jax_evaluation(quick
   sampler, both deterministic (η = 0) and as trained (η = 1)."""
   torch = pytest.importorskip("torch")
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import digits_eval  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from ctrl_jax.problems.digits import evaluation as digits_eval
+  from ctrl_jax.core import train  # pylint: disable=g-import-not-at-top
   from ctrl_jax import export  # pylint: disable=g-import-not-at-top
   from ctrl_jax.models import torch_client  # pylint: disable=g-import-not-at-top
   del torch
@@ -154,12 +155,12 @@ def test_export_sampled_by_a_plain_pytorch_loop_matches_the_jax_evaluation(quick
   assert len(labels["tasks"][0]["bin_edges"]) == 2
   assert (labels["guidance_scale"], labels["eta"]) == (config.guidance_scale, config.eta)
 
-  problem = digits_pipeline.build_problem(config, workdir)
+  problem = digits_stages.build_problem(config, workdir)
   # Host copies: inputs committed to the 8-device mesh would make every fake device run the
   # whole (replicated) sampler on this 2-core machine.
   host = lambda tree: jax.tree_util.tree_map(jnp.asarray, jax.device_get(tree))  # noqa: E731
   setup, params = problem.setup, host(out["params"])
-  frozen = host({**problem.frozen, "hparams": experiment.hparams_of(config)})
+  frozen = host({**problem.frozen, "hparams": train.hparams_from_config(config)})
   unet = torch_client.load_digits_unet(dest)
 
   # The same x_T and, for η = 1 (as trained), the same per-step noise z_i (the JAX sampler
@@ -168,7 +169,7 @@ def test_export_sampled_by_a_plain_pytorch_loop_matches_the_jax_evaluation(quick
   x_T = np.random.default_rng(0).standard_normal((len(c), 1, 8, 8)).astype(np.float32)
   policy_eps, _ = train.eps_functions(
       setup, frozen, jnp.asarray(c), setup.label_space.encode(jnp.asarray(y)))
-  from ctrl_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import sampling  # pylint: disable=g-import-not-at-top
   key = jax.random.key(0)
   noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), x_T.shape))
                     for i in range(len(setup.timesteps))])
@@ -220,7 +221,7 @@ def test_compare_baselines_on_the_quick_run(quick_run):
   """The comparison launcher's library function on the :quick run: every guided baseline moves
   y-accuracy above the unguided pre-trained model's (300 requests each, one tuned weight), and
   results.json / results.md / grids are written."""
-  from ctrl_jax import compare  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.baselines import compare  # pylint: disable=g-import-not-at-top
   workdir, _, _ = quick_run
   config = digits_config.get_config("quick")
   config.compare.methods = ("pretrained", "dps", "dps_nojac", "classifier_guidance", "mpgd",
@@ -244,7 +245,7 @@ def test_study_reuses_the_base_run_and_trains_the_other_variant(quick_run):
   """The γ study on the :quick run: γ = 1 is the run itself (not retrained), γ = 3 trains in
   studies/gamma/ctrl_gamma3 on the shared pre-trained model; both are scored on the same
   requests; a rerun trains nothing and gives the same results."""
-  from ctrl_jax import studies  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.baselines import studies  # pylint: disable=g-import-not-at-top
   workdir, _, _ = quick_run
   config = digits_config.get_config("quick")
   config.studies.gammas = (1.0, 3.0)
@@ -275,7 +276,7 @@ def test_study_reuses_the_base_run_and_trains_the_other_variant(quick_run):
 
 
 def test_study_variants_and_overrides():
-  from ctrl_jax import studies  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.baselines import studies  # pylint: disable=g-import-not-at-top
   config = digits_config.get_config("ink")
   names = [v.name for v in studies.variants(config, "lora")]
   assert names == ["ctrl_rank1", "ctrl_rank4", "ctrl_rank16", "ctrl_full"]
@@ -299,11 +300,12 @@ def test_study_variants_and_overrides():
 def test_evaluate_launcher_runs_a_baseline(quick_run):
   """`ctrl_jax.launch.evaluate` with config.eval.method = a baseline: the same artifacts in
   DIR/eval_<method>/, the method's samples against the pre-trained model's."""
+  from ctrl_jax.baselines import compare  # pylint: disable=g-import-not-at-top
   workdir, _, metrics_ctrl = quick_run
   config = digits_config.get_config("quick")
   config.eval.method = "mpgd"
   config.eval.weight = 1.0
-  metrics = experiment.evaluate(config, workdir)
+  metrics = compare.evaluate_run(config, workdir)
   out = os.path.join(workdir, "eval_mpgd")
   for name in ("samples.npz", "metrics.json", "summary.md", "grid.png", "cells.png"):
     assert os.path.exists(os.path.join(out, name)), name
@@ -314,4 +316,4 @@ def test_evaluate_launcher_runs_a_baseline(quick_run):
   config.eval.weight = -1.0
   config.eval.method = "cfg_triplets"  # never tuned on this run (not in the comparison test)
   with pytest.raises(ValueError, match="no tuned weight"):
-    experiment.evaluate(config, workdir)
+    compare.evaluate_run(config, workdir)

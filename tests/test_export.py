@@ -20,8 +20,8 @@ from flax import traverse_util  # noqa: E402
 
 from ctrl_jax import export  # noqa: E402
 from ctrl_jax.models import augmented  # noqa: E402
-from ctrl_jax.models import sd as sd_lib  # noqa: E402
 from ctrl_jax.models import convert  # noqa: E402
+from ctrl_jax.models import sd as sd_lib  # noqa: E402
 from ctrl_jax.models import torch_client  # noqa: E402
 from ctrl_jax.models import unet as unet_lib  # noqa: E402
 from ctrl_jax.models import weights  # noqa: E402

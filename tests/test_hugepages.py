@@ -1,5 +1,5 @@
-"""ctrl_jax.hugepages: when the launchers re-execute with glibc's huge-page tunable, and that
-it takes effect (a page-fault count, on hosts where it applies)."""
+"""ctrl_jax.runtime.hugepages: when the launchers re-execute with glibc's huge-page tunable, and
+that it takes effect (a page-fault count, on hosts where it applies)."""
 import os
 import platform
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from ctrl_jax import hugepages
+from ctrl_jax.runtime import hugepages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = ("glibc", "2.36")
@@ -45,7 +45,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 _CHILD = textwrap.dedent("""
     import os, resource, sys
     print("start", os.getpid(), flush=True)
-    from ctrl_jax import hugepages
+    from ctrl_jax.runtime import hugepages
     hugepages.reexec_with_hugepages()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = bytearray(512 * 2**20)  # malloc'd and zero-filled (numpy would madvise by itself)

@@ -1,4 +1,4 @@
-"""Tests of `ctrl_jax.sampling`: DDIM parity with diffusers, the Gaussian KL, and the gradient
+"""Tests of `ctrl_jax.core.sampling`: DDIM parity with diffusers, the Gaussian KL, and the gradient
 structure of `ctrl_trajectory` (remat, truncation, noise keys)."""
 import functools
 
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctrl_jax.sampling import (ctrl_trajectory, ddim_sample, ddim_step, gaussian_kl_same_std,
+from ctrl_jax.core.sampling import (ctrl_trajectory, ddim_sample, ddim_step, gaussian_kl_same_std,
                                random_truncation_mask)
-from ctrl_jax.schedules import ddim_timesteps, make_schedule
+from ctrl_jax.core.schedules import ddim_timesteps, make_schedule
 
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
@@ -176,9 +176,9 @@ NUM_DIMS = int(np.prod(SHAPE[1:]))
 def _value_and_grad(with_kl=True, **kwargs):
   """Jitted (params, grad_mask) → ((loss, kl), dloss/dparams) with loss = mean(x0²) [+ KL].
 
-  The KL term uses the official convention (CTRL_METHOD §4: per step, mean over latent dims,
+  The KL term uses the official convention (docs/method.md §5: per step, mean over latent dims,
   batch mean, summed over steps), which keeps the gradients O(1) so absolute tolerances are
-  meaningful in float32. Cached per configuration so each compiles once per session.
+  meaningful in float32. Cached per configuration so each compiles once per test run.
   """
   def loss(params, grad_mask):
     traj = ctrl_trajectory(eps_fn, eps_fn, params, REF_PARAMS, SCHEDULE, TIMESTEPS, X_T, KEY,

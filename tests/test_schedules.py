@@ -1,8 +1,9 @@
-"""Parity of `ctrl_jax.schedules` with PyTorch diffusers' DDIMScheduler, plus input validation."""
+"""Parity of `ctrl_jax.core.schedules` with PyTorch diffusers' DDIMScheduler, plus input
+validation."""
 import numpy as np
 import pytest
 
-from ctrl_jax.schedules import ddim_timesteps, make_schedule
+from ctrl_jax.core.schedules import ddim_timesteps, make_schedule
 
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")

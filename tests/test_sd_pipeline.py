@@ -9,13 +9,13 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from ctrl_jax import experiment
 from ctrl_jax import export
-from ctrl_jax import sd_pipeline
-from ctrl_jax import sharding as shd
-from ctrl_jax import train
+from ctrl_jax.core import rewards
+from ctrl_jax.core import train
+from ctrl_jax.problems.sd import stages as sd_stages
+from ctrl_jax.runtime import sharding as shd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -40,8 +40,8 @@ def test_official_configs_carry_the_official_settings():
 
 
 def _classifiers(config, workdir, task):
-  applies, params, info, _ = sd_pipeline.ensure_classifiers(config, workdir)
-  names = sd_pipeline.label_space(task).task_names
+  applies, params, info, _ = sd_stages.ensure_classifiers(config, workdir)
+  names = sd_stages.label_space(task).task_names
   assert len(applies) == len(params) == len(names)
   for name in names:
     assert np.isfinite(info["tasks"][name]["temperature"])
@@ -71,7 +71,7 @@ def test_tiny_compressibility_first_update_is_the_same_on_8_devices_and_on_1(tmp
   config = compressibility_config.get_config("tiny")
   workdir = str(tmp_path / "compressibility")
   _classifiers(config, workdir, "compressibility")
-  problem = sd_pipeline.build_problem(config, workdir)
+  problem = sd_stages.build_problem(config, workdir)
   config.num_updates = 2
   out = experiment.finetune(config, workdir, problem=problem)
   losses = [h["loss"] for h in out["history"]]
@@ -83,9 +83,9 @@ def test_tiny_compressibility_first_update_is_the_same_on_8_devices_and_on_1(tmp
   optimizer = experiment.make_optimizer(config)
   state = train.create_train_state(problem.params, optimizer, mesh)
   step = train.make_train_step(problem.setup, optimizer, mesh)
-  batch = experiment.sample_requests(config.seed, 0, problem.setup.label_space,
+  batch = rewards.sample_requests(config.seed, 0, problem.setup.label_space,
                                      problem.num_prompts, num_micro, micro)
-  frozen = {**problem.frozen, "hparams": experiment.hparams_of(config)}
+  frozen = {**problem.frozen, "hparams": train.hparams_from_config(config)}
   _, metrics = step(state, batch, jax.random.key(config.seed),
                     jax.device_put(frozen, shd.replicated(mesh)))
   one = float(metrics["loss"])
@@ -112,7 +112,7 @@ def test_tiny_multitask_end_to_end(tmp_path, capsys):
   assert len(losses) >= 3 and np.isfinite(losses).all()
 
   metrics = experiment.evaluate(config, workdir, second["params"])
-  ls = sd_pipeline.label_space(task)
+  ls = sd_stages.label_space(task)
   n = len(config.eval.prompts) * ls.num_labels * config.eval.samples_per_class
   with np.load(os.path.join(workdir, "eval", "samples.npz")) as f:
     assert f["images"].shape == (n, 3, 16, 16) and f["y"].shape == (n, ls.num_tasks)

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctrl_jax import sharding as shd
-from ctrl_jax import tiny_problem
-from ctrl_jax import train
+from ctrl_jax.core import train
+from ctrl_jax.problems import tiny as tiny_problem
+from ctrl_jax.runtime import sharding as shd
 
 MICRO = 8  # divisible by the 8 fake devices
 

@@ -3,7 +3,7 @@
   python -m ctrl_jax.launch.export --config=configs/digits.py --workdir=runs/digits \
       --out=runs/digits_torch [--lora_only]
 """
-from ctrl_jax import hugepages
+from ctrl_jax.runtime import hugepages
 
 if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
   hugepages.reexec_with_hugepages()

@@ -5,7 +5,7 @@
 
 Rerunning the same command resumes from the last checkpoint in --workdir.
 """
-from ctrl_jax import hugepages
+from ctrl_jax.runtime import hugepages
 
 if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
   hugepages.reexec_with_hugepages()

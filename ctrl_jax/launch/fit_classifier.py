@@ -5,23 +5,17 @@
 
 Reuses DIR/classifier when it is complete (a different classifier config is refused).
 """
-from ctrl_jax import hugepages
+from ctrl_jax.runtime import hugepages
 
 if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
   hugepages.reexec_with_hugepages()
 
 from ctrl_jax.launch import common  # noqa: E402
+from ctrl_jax.problems import base  # noqa: E402
 
 
 def fit_classifier(config, workdir):
-  if config.problem == "digits":
-    from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
-    digits_pipeline.ensure_classifiers(config, workdir)
-  elif config.problem == "sd":
-    from ctrl_jax import sd_pipeline  # pylint: disable=g-import-not-at-top
-    sd_pipeline.ensure_classifiers(config, workdir)
-  else:
-    raise ValueError(f"config.problem={config.problem!r} has no classifier stage.")
+  base.hook(config.problem, "fit_classifier")(config, workdir)
 
 
 if __name__ == "__main__":

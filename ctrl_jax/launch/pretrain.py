@@ -4,13 +4,13 @@
 
 Reuses DIR/pretrain when it is complete; rerunning after an interruption resumes.
 """
-from ctrl_jax import hugepages
+from ctrl_jax.runtime import hugepages
 
 if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
   hugepages.reexec_with_hugepages()
 
-from ctrl_jax import digits_pipeline  # noqa: E402
 from ctrl_jax.launch import common  # noqa: E402
+from ctrl_jax.problems import base  # noqa: E402
 
 if __name__ == "__main__":
-  common.run(digits_pipeline.ensure_pretrained)
+  common.run(lambda config, workdir: base.hook(config.problem, "pretrain")(config, workdir))

@@ -1,5 +1,5 @@
-"""Sample efficiency and the paper's open questions on the digits benchmark (ctrl_jax.studies):
-results.json, results.md, a plot and one image grid per variant in DIR/studies/<study>/.
+"""Sample efficiency and the paper's open questions on the digits benchmark
+(ctrl_jax.baselines.studies): results.json, results.md, a plot and one image grid per variant in DIR/studies/<study>/.
 
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=labels
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=gamma
@@ -8,14 +8,14 @@ results.json, results.md, a plot and one image grid per variant in DIR/studies/<
 
 Variants already in results.json are kept, and each variant's training resumes (rerun = resume).
 """
-from ctrl_jax import hugepages
+from ctrl_jax.runtime import hugepages
 
 if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
   hugepages.reexec_with_hugepages()
 
 from absl import flags  # noqa: E402
 
-from ctrl_jax import studies  # noqa: E402
+from ctrl_jax.baselines import studies  # noqa: E402
 from ctrl_jax.launch import common  # noqa: E402
 
 _STUDY = flags.DEFINE_enum("study", None, list(studies.STUDIES), "Which study to run.")

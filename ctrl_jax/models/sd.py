@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ctrl_jax.models  # noqa: F401  (installs the deprecation filter)
+from ctrl_jax.models import diffusers_export
 from ctrl_jax.models import unet as unet_lib
 from ctrl_jax.models import weights
 
@@ -124,7 +125,6 @@ def write_tiny_sd(folder: str, seed: int = 0) -> str:
   from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig  # pylint: disable=g-import-not-at-top
   from transformers import FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import export  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(folder, "model_index.json")):
     return folder
   key = jax.random.key(seed)
@@ -139,9 +139,9 @@ def write_tiny_sd(folder: str, seed: int = 0) -> str:
   te = FlaxCLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT), seed=seed + 2)
   tok_dir = os.path.join(folder, "_tokenizer_src")
   write_tiny_tokenizer(tok_dir, TINY_CLIP_TEXT["max_position_embeddings"])
-  export.export_sd_components(
+  diffusers_export.export_sd_components(
       folder, vae=vae, vae_params=vae_params, text_encoder=te, text_encoder_params=te.params,
-      tokenizer_dir=tok_dir, scheduler_config=export.ddim_scheduler_config(
+      tokenizer_dir=tok_dir, scheduler_config=diffusers_export.ddim_scheduler_config(
           beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(tok_dir)

@@ -10,7 +10,6 @@ A component folder (`unet/`, `vae/`, `text_encoder/`) holds `config.json` and th
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Optional
@@ -21,6 +20,7 @@ import numpy as np
 
 import ctrl_jax.models  # noqa: F401  (installs the deprecation filter)
 from ctrl_jax.models import convert
+from ctrl_jax.runtime import stage
 from diffusers import FlaxAutoencoderKL
 from diffusers import FlaxUNet2DConditionModel
 
@@ -51,17 +51,13 @@ _FLAX_ONLY_FIELDS = ("dtype", "parent", "name", "use_memory_efficient_attention"
                      "split_head_dim")
 
 
-def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+def read_json(path: str) -> Any:
+  return stage.read_json(path)
 
 
 def write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Atomic JSON with sorted keys (diffusers' config files)."""
+  stage.write_json(path, obj, sort_keys=True)
 
 
 def write_safetensors(path: str, tensors: dict[str, Any],

@@ -5,22 +5,21 @@ table added to the time embedding + LoRA on the frozen UNet), but fitted by the 
 denoising ε-MSE on labelled triplets (x, c, y) instead of by RL against a classifier:
 
   * the labelled budget is CTRL's classifier budget — the same `num_labels` train images
-    `digits.sample_label_pairs(x_train, rule, num_labels, label_seed)` draws, with their y —
+    `digits_data.sample_label_pairs(x_train, rule, num_labels, label_seed)` draws, with their y —
     plus what CTRL never sees: the digit class c of those images;
   * label dropout: y → NULL with prob `p_uncond`, and c → the null token with prob
     `p_uncond_c` (independently, as in pre-training), so the unconditional branch
     ("", NULL) stays a trained model;
   * sampling is CTRL's: ε_∅ + w (ε_{c,y} − ε_∅) with ε_∅ = ε(x, t, "", NULL), i.e.
-    `digits_eval.make_sampler(setup)` with the returned params, so evaluation is shared.
+    `generate.make_sampler(setup)` with the returned params, so evaluation is shared.
 
 Stage outputs (resumable, reused when done; `_n{num_labels}` when a budget is passed):
-  DIR/cfg_triplets/ckpt/<step>, DIR/cfg_triplets.jsonl   training (ctrl_jax.loop)
+  DIR/cfg_triplets/ckpt/<step>, DIR/cfg_triplets.jsonl   training (ctrl_jax.runtime.loop)
   DIR/cfg_triplets/config.json                           the config the checkpoints belong to
   DIR/cfg_triplets/params, DIR/cfg_triplets/info.json    final ctrl params; done marker
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -33,15 +32,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ctrl_jax import checkpoint
-from ctrl_jax import digits
-from ctrl_jax import digits_model
-from ctrl_jax import digits_pipeline
-from ctrl_jax import loop
-from ctrl_jax import schedules
-from ctrl_jax import sharding as shd
-from ctrl_jax import train
+from ctrl_jax.core import schedules
+from ctrl_jax.core import train
 from ctrl_jax.models.augmented import AugmentedUNet
+from ctrl_jax.problems.digits import data as digits_data
+from ctrl_jax.problems.digits import model as digits_model
+from ctrl_jax.problems.digits import stages as digits_stages
+from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import loop
+from ctrl_jax.runtime import sharding as shd
+from ctrl_jax.runtime import stage
 
 STAGE = "cfg_triplets"
 
@@ -93,19 +93,20 @@ def stage_name(num_labels: Optional[int] = None) -> str:
 
 
 def sample_label_indices(num_train: int, num_labels: int, seed: int) -> np.ndarray:
-  """Indices into x_train of the pairs `digits.sample_label_pairs(x_train, rule, num_labels,
+  """Indices into x_train of the pairs `digits_data.sample_label_pairs(x_train, rule, num_labels,
   seed)` draws (the same rng call, reproduced here: that function returns only (x, y))."""
   return np.random.default_rng(seed).choice(num_train, size=num_labels, replace=False)
 
 
-def labelled_triplets(x_train: np.ndarray, c_train: np.ndarray, rule: digits.LabelRule,
+def labelled_triplets(x_train: np.ndarray, c_train: np.ndarray, rule: digits_data.LabelRule,
                       num_labels: int, seed: int) -> dict:
   """CTRL's labelled pairs plus their digit class: {"x" [n, 8, 8] in [0, 1], "c" int32 [n],
   "y" int32 [n, T], "index" [n] into the train split}."""
   idx = sample_label_indices(len(x_train), num_labels, seed)
-  x, y = digits.sample_label_pairs(x_train, rule, num_labels, seed)
+  x, y = digits_data.sample_label_pairs(x_train, rule, num_labels, seed)
   if not np.array_equal(np.asarray(x_train)[idx], x):
-    raise AssertionError("sample_label_indices no longer reproduces digits.sample_label_pairs' "
+    raise AssertionError("sample_label_indices no longer reproduces "
+                         "digits_data.sample_label_pairs' "
                          "selection; keep the two rng calls identical.")
   return {"x": x, "c": np.asarray(c_train, np.int32)[idx], "y": np.asarray(y, np.int32),
           "index": idx}
@@ -179,73 +180,51 @@ def make_frozen(pre: dict, schedule: schedules.Schedule, cfg: ml_collections.Con
 # ----------------------------------------------------------------------------- the stage
 
 
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-  # Same atomic write as digits_pipeline._write_json (private there).
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def _check_same(saved: dict, wanted: dict, path: str) -> None:
-  # As digits_pipeline._check_same (private there), naming config.baselines.cfg's fields.
-  diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-  if diff:
-    raise ValueError(f"{path} was made with a different config ("
-                     + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                     + f"); use a fresh --workdir or delete {os.path.dirname(path)}.")
-
-
 def train_cfg_triplets(config: ml_collections.ConfigDict, workdir: str,
                        num_labels: Optional[int] = None, mesh: Optional[Mesh] = None
                        ) -> tuple[dict, dict]:
   """Trains (or resumes, or reuses) the CFG-on-triplets baseline; returns (ctrl_params, info).
 
   config: the digits config (configs/digits.py); its pre-trained stage is reused or run
-  (`digits_pipeline.ensure_pretrained`), the label rule is the task's (the one the classifier
+  (`digits_stages.ensure_pretrained`), the label rule is the task's (the one the classifier
   stage uses), and the labelled budget is `num_labels` (default config.classifier.num_labels)
   pairs drawn with config.classifier.label_seed. Hyper-parameters: `cfg_config(config)`.
-  The params (host arrays) plug into `digits_eval.make_sampler(problem.setup)` as CTRL's do.
+  The params (host arrays) plug into `generate.make_sampler(problem.setup)` as CTRL's do.
   mesh: default all devices (`sharding.make_mesh()`).
   """
   cfg = cfg_config(config)
   n = int(config.classifier.num_labels if num_labels is None else num_labels)
-  stage = stage_name(num_labels)
-  stage_dir = os.path.join(workdir, stage)
+  name = stage_name(num_labels)
+  stage_dir = os.path.join(workdir, name)
   info_path = os.path.join(stage_dir, "info.json")
   config_path = os.path.join(stage_dir, "config.json")
   wanted = {**cfg.to_dict(), "task": config.task, "lora_rank": int(config.lora_rank),
             "num_labels": n, "label_seed": int(config.classifier.label_seed)}
 
-  unet, pre, _ = digits_pipeline.ensure_pretrained(config, workdir)
-  label_space = digits_pipeline.label_space(config.task)
+  unet, pre, _ = digits_stages.ensure_pretrained(config, workdir)
+  label_space = digits_stages.label_space(config.task)
   model = AugmentedUNet(unet, num_labels=label_space.num_labels, lora_rank=config.lora_rank)
   init_params = model.init_ctrl_params(jax.random.key(cfg.seed), pre["unet"])
 
   if os.path.exists(info_path):
-    info = _read_json(info_path)
-    _check_same(info["config"], wanted, info_path)
-    print(f"[{stage}] reusing {stage_dir}", flush=True)
+    info = stage.read_json(info_path)
+    stage.check_same(info["config"], wanted, info_path)
+    print(f"[{name}] reusing {stage_dir}", flush=True)
     params = checkpoint.load_tree(os.path.join(stage_dir, "params"),
                                   jax.eval_shape(lambda: init_params))
     return jax.device_get(params), info
   # Checkpoints of a killed run must belong to this config before they are resumed.
   if os.path.exists(config_path):
-    _check_same(_read_json(config_path), wanted, config_path)
+    stage.check_same(stage.read_json(config_path), wanted, config_path)
   else:
     os.makedirs(stage_dir, exist_ok=True)
-    _write_json(config_path, wanted)
+    stage.write_json(config_path, wanted)
 
   t0 = time.time()
   mesh = shd.make_mesh() if mesh is None else mesh
   shd.check_divisible(cfg.batch, mesh, "config.baselines.cfg.batch")
-  splits = digits.load_splits()
-  rule = digits.make_label_rule(config.task, splits["x_train"])
+  splits = digits_data.load_splits()
+  rule = digits_data.make_label_rule(config.task, splits["x_train"])
   data = labelled_triplets(splits["x_train"], splits["c_train"], rule, n,
                            config.classifier.label_seed)
   x_model = np.asarray(digits_model.to_model_space(data["x"].astype(np.float32)))
@@ -266,7 +245,7 @@ def train_cfg_triplets(config: ml_collections.ConfigDict, workdir: str,
                           batch_sharding)
 
   state, history, start = loop.run(
-      stage, workdir, state, lambda s, b: step_fn(s, b, key, frozen), batch_fn, cfg.steps,
+      name, workdir, state, lambda s, b: step_fn(s, b, key, frozen), batch_fn, cfg.steps,
       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
       max_checkpoints=cfg.max_checkpoints)
   params = jax.device_get(state["params"])
@@ -279,6 +258,6 @@ def train_cfg_triplets(config: ml_collections.ConfigDict, workdir: str,
           "final_loss": history[-1]["loss"] if history else None,
           "label_counts": counts.tolist(),
           "digit_counts": np.bincount(c, minlength=digits_model.NUM_DIGITS).tolist()}
-  _write_json(info_path, info)
-  print(f"[{stage}] done in {info['wall_time_s']:.0f}s on {n} triplets", flush=True)
+  stage.write_json(info_path, info)
+  print(f"[{name}] done in {info['wall_time_s']:.0f}s on {n} triplets", flush=True)
   return params, info

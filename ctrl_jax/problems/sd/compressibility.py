@@ -1,7 +1,7 @@
 """The JPEG-compressibility tasks: ground-truth labels from PIL JPEG sizes, and the reward
 classifier p̂(y | x), a small residual CNN with temperature calibration.
 
-Ground truth (CTRL_METHOD.md): size = len(JPEG(image, quality 95)) / 1000 in kB, of the
+Ground truth (docs/method.md §6): size = len(JPEG(image, quality 95)) / 1000 in kB, of the
 512×512 RGB image as uint8.
   "compress4": class 3 if size ≤ 60, 2 if 60 < size ≤ 85, 1 if 85 < size ≤ 110, 0 if > 110.
   "compress2" (multi-task): class 1 iff size ≤ 70.
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from ctrl_jax import digits
+from ctrl_jax.core import calibration
 
 JPEG_QUALITY = 95
 # Increasing size edges in kB; a size equal to an edge goes to the smaller-file (higher) class.
@@ -236,7 +236,7 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
   are resized to input_size² once (the module's own resize is then the identity, so this is
   the same function the reward applies). Adam minimises cross-entropy on the rest in seeded
   minibatches (consecutive shuffled epochs) with BatchNorm in train mode; then
-  `digits.fit_temperature` on the held-back logits at T = 1 sets params["params"]
+  `calibration.fit_temperature` on the held-back logits at T = 1 sets params["params"]
   ["temperature"]. Deterministic for a given seed.
 
   Returns (variables {"params", "batch_stats"} for the module's apply, info) with info keys
@@ -269,7 +269,7 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
   net = {k: v for k, v in variables["params"].items() if k != "temperature"}
   state = {"net": net, "batch_stats": variables["batch_stats"], "opt": optax.adam(lr).init(net)}
   loss = jnp.nan
-  for idx in digits._batch_indices(rng, len(fit), steps, batch):  # pylint: disable=protected-access
+  for idx in calibration.batch_indices(rng, len(fit), steps, batch):
     chosen = fit[idx]
     state, loss = _train_step(model, state, jnp.asarray(small[chosen]),
                               jnp.asarray(labels[chosen]), lr=lr)
@@ -279,7 +279,7 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
   logits = _map_in_chunks(functools.partial(_eval_chunk, model, variables), small[perm],
                           EVAL_CHUNK)  # at T = 1
   logits_cal, logits_fit = logits[:n_cal], logits[n_cal:]
-  temperature, nll_before, nll_after = digits.fit_temperature(logits_cal, labels[cal])
+  temperature, nll_before, nll_after = calibration.fit_temperature(logits_cal, labels[cal])
   variables["params"]["temperature"] = jnp.asarray(temperature, jnp.float32)
   z = logits_cal.astype(np.float64) / temperature
   probs_cal = np.exp(z - z.max(-1, keepdims=True))
@@ -287,7 +287,7 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
   info = {"train_acc": float((logits_fit.argmax(-1) == labels[fit]).mean()),
           "calib_acc": float((logits_cal.argmax(-1) == labels[cal]).mean()),
           "temperature": temperature, "nll_before": nll_before, "nll_after": nll_after,
-          "ece_after": digits.expected_calibration_error(probs_cal, labels[cal]),
+          "ece_after": calibration.expected_calibration_error(probs_cal, labels[cal]),
           "final_loss": float(loss), "num_train": int(len(fit)), "num_calib": int(n_cal)}
   return variables, info
 

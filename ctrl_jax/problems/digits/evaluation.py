@@ -17,14 +17,12 @@ import ml_collections
 import numpy as np
 import sklearn.metrics
 
-from ctrl_jax import digits
-from ctrl_jax import digits_model
-from ctrl_jax import digits_pipeline
-from ctrl_jax import experiment
-from ctrl_jax import progress
-from ctrl_jax import rewards
-from ctrl_jax import sampling
-from ctrl_jax import train
+from ctrl_jax.core import generate
+from ctrl_jax.core import rewards
+from ctrl_jax.core import train
+from ctrl_jax.problems import base
+from ctrl_jax.problems.digits import data as digits_data
+from ctrl_jax.problems.digits import model as digits_model
 
 
 def eval_requests(label_space: rewards.LabelSpace, samples_per_cell: int
@@ -39,48 +37,8 @@ def eval_requests(label_space: rewards.LabelSpace, samples_per_cell: int
   return c, np.asarray(label_space.decode(jnp.asarray(label)), np.int32)
 
 
-def make_sampler(setup: train.CtrlSetup):
-  """Jitted `sample(params, frozen, c [B], y [B, T], key) -> images [B, 8, 8]`.
-
-  params = trainable CTRL params. The pre-trained model is sampled with the *initial* params
-  (zero label table, zero LoRA up-projections), whose output is bit-identical to the frozen
-  UNet's for every label (tests/test_augmented.py): one compiled sampler serves both models.
-  The same key gives both the same x_T and per-step noise, so their samples are paired.
-  """
-
-  def sample(params, frozen, c, y, key):
-    labels = setup.label_space.encode(y)
-    policy_eps, _ = train.eps_functions(setup, frozen, c, labels)
-    k_x, k_noise = jax.random.split(key)
-    x_T = jax.random.normal(k_x, (c.shape[0],) + tuple(setup.latent_shape), jnp.float32)
-    x0 = sampling.ddim_sample(policy_eps, params, frozen["schedule"],
-                              jnp.asarray(setup.timesteps), x_T, k_noise,
-                              frozen["hparams"]["eta"])
-    return setup.decode_fn(frozen.get("decoder"), x0)
-
-  return jax.jit(sample)
-
-
-def sample_all(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
-               batch_size: int, name: str) -> np.ndarray:
-  """Samples every request in chunks of `batch_size` (chunk i uses fold_in(key(seed), i)).
-
-  The last chunk is padded to the full size (one compiled shape). Returns float32 [N, 8, 8].
-  """
-  n = len(c)
-  out = []
-  bar = progress.Progress(f"eval/{name}", -(-n // batch_size))
-  for i, start in enumerate(range(0, n, batch_size)):
-    idx = np.arange(start, start + batch_size) % n
-    imgs = sampler(params, frozen, jnp.asarray(c[idx]), jnp.asarray(y[idx]),
-                   jax.random.fold_in(jax.random.key(seed), i))
-    out.append(np.asarray(imgs)[:min(batch_size, n - start)])
-    bar.update(i + 1)
-  return np.concatenate(out).astype(np.float32)
-
-
-def score(images: np.ndarray, c: np.ndarray, y: np.ndarray, rule: digits.LabelRule,
-          judge: digits.DigitJudge, heldout_features: np.ndarray,
+def score(images: np.ndarray, c: np.ndarray, y: np.ndarray, rule: digits_data.LabelRule,
+          judge: digits_data.DigitJudge, heldout_features: np.ndarray,
           label_space: rewards.LabelSpace) -> dict:
   """Metrics of samples `images` [N, 8, 8] asked for (c [N], y [N, T]).
 
@@ -103,7 +61,7 @@ def score(images: np.ndarray, c: np.ndarray, y: np.ndarray, rule: digits.LabelRu
   digit = judge.predict(images)
   out["joint_accuracy"] = float(correct.mean())
   out["digit_accuracy"] = float((digit == c).mean())
-  out["frechet_distance"] = digits.frechet_distance(judge.features(images), heldout_features)
+  out["frechet_distance"] = digits_data.frechet_distance(judge.features(images), heldout_features)
   label = np.asarray(label_space.encode(jnp.asarray(y)))
   k = label_space.num_labels
   cell = c * k + label
@@ -121,54 +79,34 @@ def cell_names(label_space: rewards.LabelSpace) -> list[str]:
   return [",".join(f"{n}={v}" for n, v in zip(label_space.task_names, row)) for row in ys]
 
 
-def _baseline_sampler(config: ml_collections.ConfigDict, workdir: str, problem,
-                      method: str) -> tuple[Callable, float]:
-  """(`sampler(params, frozen, c, y, key)` of a comparison method, its weight): the weight is
-  config.eval.weight, or (when < 0) the one the comparison tuned (DIR/compare/results.json)."""
-  from ctrl_jax import compare  # pylint: disable=g-import-not-at-top  (imports us)
-  bench = compare.Bench(config, problem, os.path.join(workdir, "compare"))
-  w = float(config.eval.get("weight", -1.0))
-  if w < 0:
-    if "weight" not in bench.results.get(method, {}):
-      raise ValueError(f"config.eval.method={method!r}: no tuned weight in {bench.path}; run "
-                       "`python -m ctrl_jax.launch.compare` first or set --config.eval.weight.")
-    w = float(bench.results[method]["weight"])
-  fn, _ = compare.make_method(method, config, workdir, bench, problem)
-  return (lambda params, frozen, c, y, key: fn(c, y, key, w)), w
+def evaluate(config: ml_collections.ConfigDict, workdir: str, problem: base.Problem,
+             params: dict, method_sampler: Optional[Callable] = None,
+             title: Optional[str] = None, out_name: str = "eval") -> dict:
+  """Evaluates `params` (the fine-tuned CTRL params) on every (c, y) cell against the
+  pre-trained model, into DIR/<out_name>/ (samples.npz, metrics.json, summary.md, PNG figures).
 
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             params: Optional[dict] = None) -> dict:
-  """Evaluates the CTRL run in `workdir` (its latest checkpoint unless `params` is given), or,
-  with config.eval.method set to a baseline of ctrl_jax.compare (e.g. "dps", "svdd"), that
-  method on the same pre-trained model, into DIR/eval_<method>/ (same artifacts)."""
+  method_sampler: samples "finetuned" instead of CTRL's sampler (a baseline on the pre-trained
+  model, `ctrl_jax.baselines.compare.evaluate_run`), called with the same arguments; `title`
+  names it in the figures and metrics.
+  """
   t0 = time.time()
-  method = config.eval.get("method", "ctrl")
-  out_dir = os.path.join(workdir, "eval" if method == "ctrl" else f"eval_{method}")
+  out_dir = os.path.join(workdir, out_name)
   os.makedirs(out_dir, exist_ok=True)
-  problem = digits_pipeline.build_problem(config, workdir)
   setup = problem.setup
-  sampler = make_sampler(setup)
-  method_sampler, title = sampler, None
-  if method != "ctrl":
-    method_sampler, weight = _baseline_sampler(config, workdir, problem, method)
-    params, title = problem.params, f"{method} (weight {weight:g}) on p(x | c)"
-  elif params is None:
-    params, step = experiment.load_finetuned(config, workdir, problem)
-    print(f"[eval] fine-tuned params from update {step}", flush=True)
-  rule = digits.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
+  sampler = generate.make_sampler(setup)
+  method_sampler = method_sampler or sampler
+  rule = digits_data.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
   cls_info = problem.info["classifier"]
-  frozen = {**problem.frozen, "hparams": train.make_hparams(
-      gamma=config.gamma, kl_weight=config.kl_weight, guidance_scale=config.guidance_scale,
-      eta=config.eta)}
+  frozen = {**problem.frozen, "hparams": train.hparams_from_config(config)}
   e = config.eval
   c, y = eval_requests(setup.label_space, e.samples_per_cell)
   # Both param trees as host arrays: the same argument placement ⇒ one compilation.
-  images = {name: sample_all(fn, jax.device_get(p), frozen, c, y, e.seed, e.batch_size, name)
+  images = {name: generate.sample_all(fn, jax.device_get(p), frozen, c, y, e.seed, e.batch_size,
+                                      name)
             for name, fn, p in (("finetuned", method_sampler, params),
                                 ("pretrained", sampler, problem.params))}
-  splits = digits.load_splits()
-  judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
+  splits = digits_data.load_splits()
+  judge = digits_data.fit_digit_judge(splits["x_train"], splits["c_train"])
   held_feats = judge.features(splits["x_heldout"])
   metrics: dict[str, Any] = {
       name: score(imgs, c, y, rule, judge, held_feats, setup.label_space)
@@ -176,19 +114,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics["reference"] = {
       "judge_heldout_accuracy": float((judge.predict(splits["x_heldout"])
                                        == splits["c_heldout"]).mean()),
-      "frechet_distance_train_vs_heldout": digits.frechet_distance(
+      "frechet_distance_train_vs_heldout": digits_data.frechet_distance(
           judge.features(splits["x_train"]), held_feats),
       "classifiers": cls_info["tasks"],
   }
   metrics["cells"] = cell_names(setup.label_space)
   metrics["config"] = {"variant": config.get("variant", ""), "task": config.task,
-                       "method": method if title is None else title}
+                       "method": "ctrl" if title is None else title}
   np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images["finetuned"], c=c,
                       y=y[:, 0] if y.shape[1] == 1 else y,
                       images_pretrained=images["pretrained"])
   metrics["wall_time_s"] = stage_wall_times(workdir)
   metrics["wall_time_s"]["eval"] = time.time() - t0
-  from ctrl_jax import digits_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+  # matplotlib only when figures are drawn  # pylint: disable-next=g-import-not-at-top
+  from ctrl_jax.problems.digits import plots as digits_plots
   digits_plots.save_grid(os.path.join(out_dir, "grid.png"), images, c, y, setup.label_space,
                          e.grid_samples, metrics, title)
   digits_plots.save_cell_tables(os.path.join(out_dir, "cells.png"), metrics, title)

@@ -7,12 +7,14 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from ctrl_jax import rewards
-from ctrl_jax import schedules
-from ctrl_jax import train
+from ctrl_jax.core import rewards
+from ctrl_jax.core import schedules
+from ctrl_jax.core import train
 from ctrl_jax.models import augmented
 from ctrl_jax.models import unet as unet_lib
+from ctrl_jax.problems import base
 
 
 def micro_unet_config(sample_size: int = 8, in_channels: int = 4) -> dict:
@@ -77,6 +79,24 @@ def build(key: jax.Array, *, batch_latent: tuple[int, int, int] = (4, 16, 16),
 def make_batch(seed: int, step: int, setup: train.CtrlSetup, num_prompts: int,
                num_micro: int, micro_batch: int) -> dict:
   """A deterministic batch of (prompt, y) requests for `step` (the loop's own sampler)."""
-  from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top  (experiment imports us)
-  return experiment.sample_requests(seed, step, setup.label_space, num_prompts, num_micro,
-                                    micro_batch)
+  return rewards.sample_requests(seed, step, setup.label_space, num_prompts, num_micro,
+                                 micro_batch)
+
+
+def build_problem(config: ml_collections.ConfigDict, workdir: str) -> base.Problem:
+  """The tiny problem of a config (configs/smoke.py): nothing is read from or written to
+  `workdir` before CTRL."""
+  del workdir
+  setup, frozen, params = build(
+      jax.random.key(config.seed), batch_latent=tuple(config.latent_shape),
+      num_steps=config.num_inference_steps, task_classes=tuple(config.task_classes),
+      use_cfg=config.use_cfg, truncation=config.truncation, truncation_k=config.truncation_k,
+      lora_rank=config.lora_rank, remat_policy=config.remat_policy or None,
+      reference_grad=config.reference_grad, kl_convention=config.kl_convention,
+      num_prompts=config.num_prompts,
+      reference_grad_from=config.get("reference_grad_from", 0))
+  frozen.pop("hparams")
+  return base.Problem(setup=setup, frozen=frozen, params=params, num_prompts=config.num_prompts)
+
+
+HOOKS = base.ProblemHooks(build=build_problem)

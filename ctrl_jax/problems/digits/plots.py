@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
-from ctrl_jax import rewards  # noqa: E402
+from ctrl_jax.core import rewards  # noqa: E402
 
 _MODELS = (("pretrained", "pre-trained p(x | c)"), ("finetuned", "CTRL p(x | c, y)"))
 

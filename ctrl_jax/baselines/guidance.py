@@ -1,4 +1,4 @@
-"""Inference-time guidance baselines against CTRL (CTRL_METHOD.md §9), as pure functions.
+"""Inference-time guidance baselines against CTRL (docs/method.md §10), as pure functions.
 
 Every sampler runs on the same schedule, DDIM timesteps, pre-trained ε-model and reward
 classifiers as CTRL, and draws the DDIM noise of step i from `fold_in(key, i)` exactly like
@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ctrl_jax import sampling
-from ctrl_jax import train
-from ctrl_jax.schedules import Schedule
+from ctrl_jax.core import sampling
+from ctrl_jax.core import train
+from ctrl_jax.core.schedules import Schedule
 
 EpsClosure = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 LogProbFn = Callable[[jnp.ndarray, Any], jnp.ndarray]
@@ -153,7 +153,7 @@ def classifier_guidance_sample(eps_fn: EpsClosure, noisy_log_prob_fn: NoisyLogPr
   ε̃ = ε − w √(1−ᾱ_t) ∇_{x_t} log p(y | x_t, t); `noisy_log_prob_fn(x_t, t int [], y) -> [B]`
   (for digits: `make_noisy_log_prob_fn` over `fit_noisy_classifier`'s params). No UNet
   back-prop. At w = 1 with the exact noisy classifier this is the Doob h-transform of
-  CTRL_METHOD.md §2 at γ = 1 (up to discretisation).
+  docs/method.md §2 at γ = 1 (up to discretisation).
   """
   steps, ts, t_prevs = _steps(schedule, timesteps)
 

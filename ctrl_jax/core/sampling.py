@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ctrl_jax.schedules import Schedule
+from ctrl_jax.core.schedules import Schedule
 
 EpsFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +18,11 @@ import ml_collections
 import numpy as np
 import sklearn.metrics
 
-from ctrl_jax import digits_eval
-from ctrl_jax import experiment
-from ctrl_jax import sd_pipeline
+from ctrl_jax.core import generate
+from ctrl_jax.core import train
 from ctrl_jax.models import sd as sd_lib
+from ctrl_jax.problems import base
+from ctrl_jax.problems.sd import stages as sd_stages
 
 
 def eval_requests(num_prompts: int, num_labels: int, per_cell: int, label_space
@@ -80,25 +81,24 @@ def save_grid(path: str, images: np.ndarray, images_pre: np.ndarray, prompt: np.
   Image.fromarray((np.clip(both, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             params: Optional[dict] = None) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, problem: base.Problem,
+             params: dict) -> dict[str, Any]:
+  """Samples every (prompt, class) of config.eval from the fine-tuned `params` and the
+  pre-trained model, labels them with the ground truths, writes DIR/eval/."""
   t0 = time.time()
-  problem = sd_pipeline.build_problem(config, workdir)
-  if params is None:
-    params, _ = experiment.load_finetuned(config, workdir, problem)
   e = config.eval
   setup, sd, truth = problem.setup, problem.info["sd"], problem.info["truth"]
   ls = setup.label_space
-  frozen = {**problem.frozen, "hparams": experiment.hparams_of(config),
+  frozen = {**problem.frozen, "hparams": train.hparams_from_config(config),
             "contexts": jnp.asarray(sd_lib.encode_prompts(sd, list(e.prompts)))}
   prompt, y = eval_requests(len(e.prompts), ls.num_labels, e.samples_per_class, ls)
-  sampler = digits_eval.make_sampler(setup)
+  sampler = generate.make_sampler(setup)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   results, images = {}, {}
   for name, p in (("finetuned", params), ("pretrained", problem.params)):
-    images[name] = digits_eval.sample_all(sampler, jax.device_get(p), frozen, prompt, y,
-                                          e.seed, e.batch_size, name)
+    images[name] = generate.sample_all(sampler, jax.device_get(p), frozen, prompt, y,
+                                       e.seed, e.batch_size, name)
     y_true, raw = truth.labels(images[name])
     results[name] = score(y_true, prompt, y, ls, raw)
     results[name]["true_y"] = y_true.tolist()
@@ -106,7 +106,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     from ctrl_jax.models import clip_score  # pylint: disable=g-import-not-at-top
     folder = e.clip_model
     if folder == "tiny":
-      folder = sd_pipeline._tiny_aesthetic_models(  # pylint: disable=protected-access
+      folder = sd_stages._tiny_aesthetic_models(  # pylint: disable=protected-access
           os.path.join(workdir, "tiny_aesthetic"), config.seed)[0]
     scorer = clip_score.ClipScorer(folder)
     names = [e.prompts[i] for i in prompt]

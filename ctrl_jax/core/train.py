@@ -17,11 +17,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ctrl_jax import objective
-from ctrl_jax import rewards
-from ctrl_jax import sampling
-from ctrl_jax import sharding as shd
+from ctrl_jax.core import objective
+from ctrl_jax.core import rewards
+from ctrl_jax.core import sampling
 from ctrl_jax.models.augmented import AugmentedUNet
+from ctrl_jax.runtime import sharding as shd
 
 TRUNCATIONS = ("none", "random", "last_k")
 PARAM_GROUPS = ("lora", "label_embedding", "unet")
@@ -89,6 +89,12 @@ def make_hparams(gamma: float, kl_weight: float, guidance_scale: float, eta: flo
   return {k: jnp.asarray(v, jnp.float32) for k, v in
           dict(gamma=gamma, kl_weight=kl_weight, guidance_scale=guidance_scale,
                eta=eta).items()}
+
+
+def hparams_from_config(config) -> dict:
+  """`make_hparams` from a run config's gamma, kl_weight, guidance_scale and eta."""
+  return make_hparams(gamma=config.gamma, kl_weight=config.kl_weight,
+                      guidance_scale=config.guidance_scale, eta=config.eta)
 
 
 def eps_functions(setup: CtrlSetup, frozen: dict, prompt: jnp.ndarray, labels: jnp.ndarray):
@@ -207,7 +213,8 @@ def make_optimizer(lr_lora: float, lr_label_embedding: float, lr_unet: float = 0
                    eps: float = 1e-8, grad_clip_norm: float = 5.0, lr_schedule: str = "constant",
                    num_updates: int = 0, lr_final_fraction: float = 1.0,
                    lr_warmup_steps: int = 0) -> optax.GradientTransformation:
-  """AdamW with one learning rate per parameter group, global-norm clipping (official §6).
+  """AdamW with one learning rate per parameter group, global-norm clipping (official settings:
+  docs/method.md §7).
 
   lr_schedule: "constant" (official), or "cosine": every group's lr decays from its value to
   `lr_final_fraction` × it over the updates after the warm-up (a less noisy last iterate).

@@ -1,7 +1,7 @@
 """CTRL against the baselines on the digits benchmark, same task, same classifiers, same cost
 accounting: `python -m ctrl_jax.launch.compare --config=configs/digits.py:ink --workdir=DIR`.
 
-Methods (CTRL_METHOD.md §9; the guided ones sample the *pre-trained* model):
+Methods (docs/method.md §10; the guided ones sample the *pre-trained* model):
   pretrained        unguided DDIM with CFG on c (the lower bound)
   ctrl              the CTRL run in DIR (fine-tuned label embedding + LoRA)
   dps / dps_nojac   reconstruction guidance with / without the UNet Jacobian
@@ -27,12 +27,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctrl_jax import baselines
-from ctrl_jax import digits
-from ctrl_jax import digits_eval
-from ctrl_jax import digits_pipeline
 from ctrl_jax import experiment
-from ctrl_jax import progress
+from ctrl_jax.baselines import guidance
+from ctrl_jax.core import generate
+from ctrl_jax.core import train
+from ctrl_jax.problems.digits import data as digits_data
+from ctrl_jax.problems.digits import evaluation as digits_eval
+from ctrl_jax.problems.digits import stages as digits_stages
+from ctrl_jax.runtime import progress
 
 ALL_METHODS = ("pretrained", "ctrl", "dps", "dps_nojac", "classifier_guidance", "cfg_triplets",
                "mpgd", "smc", "svdd")
@@ -64,28 +66,28 @@ def make_guided_sampler(method: str, setup, cc: ml_collections.ConfigDict,
   def sample(frozen, c, y, key, weight, noisy_params):
     k_x, k_run = jax.random.split(key)
     sched, eta = frozen["schedule"], frozen["hparams"]["eta"]
-    log_prob = baselines.digits_log_prob_fn(setup, frozen)
+    log_prob = guidance.digits_log_prob_fn(setup, frozen)
     b = c.shape[0]
     if method == "smc":
       k = cc.smc_particles
-      eps = baselines.pretrained_eps_fn(setup, frozen, baselines.repeat_requests(c, k))
+      eps = guidance.pretrained_eps_fn(setup, frozen, guidance.repeat_requests(c, k))
       x_T = jax.random.normal(k_x, (b, k) + shape)
-      x0, _ = baselines.smc_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight)
+      x0, _ = guidance.smc_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight)
     else:
-      eps = baselines.pretrained_eps_fn(setup, frozen, c)
+      eps = guidance.pretrained_eps_fn(setup, frozen, c)
       x_T = jax.random.normal(k_x, (b,) + shape)
       if method in ("dps", "dps_nojac"):
-        x0 = baselines.dps_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight,
+        x0 = guidance.dps_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight,
                                   use_unet_jacobian=method == "dps")
       elif method == "mpgd":
-        x0 = baselines.mpgd_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight)
+        x0 = guidance.mpgd_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight)
       elif method == "svdd":
-        eps_m = baselines.pretrained_eps_fn(
-            setup, frozen, baselines.repeat_requests(c, cc.svdd_candidates))
-        x0 = baselines.svdd_sample(eps_m, log_prob, sched, timesteps, x_T, y, k_run, eta, weight,
+        eps_m = guidance.pretrained_eps_fn(
+            setup, frozen, guidance.repeat_requests(c, cc.svdd_candidates))
+        x0 = guidance.svdd_sample(eps_m, log_prob, sched, timesteps, x_T, y, k_run, eta, weight,
                                    num_candidates=cc.svdd_candidates)
       elif method == "classifier_guidance":
-        x0 = baselines.classifier_guidance_sample(
+        x0 = guidance.classifier_guidance_sample(
             eps, lambda x, t, yy: noisy_log_prob(noisy_params, x, t, yy), sched, timesteps, x_T,
             y, k_run, eta, weight)
       else:
@@ -124,8 +126,8 @@ def _save_grid(path: str, images: np.ndarray, c: np.ndarray, label: np.ndarray, 
 
 class Bench:
   """The comparison's fixed evaluation: the same requests, digit judge and scoring for every
-  method (and every study variant, ctrl_jax.studies), a tuning set with another seed, one image
-  grid per method, results kept in `path` (a rerun skips what is there).
+  method (and every study variant, ctrl_jax.baselines.studies), a tuning set with another seed,
+  one image grid per method, results kept in `path` (a rerun skips what is there).
 
   Methods are `fn(c [B], y [B, T], key) -> images [B, 8, 8]`.
   """
@@ -136,15 +138,15 @@ class Bench:
     self.out_dir = out_dir
     os.makedirs(out_dir, exist_ok=True)
     self.setup, self.ls = problem.setup, problem.setup.label_space
-    self.frozen = _host({**problem.frozen, "hparams": experiment.hparams_of(config)})
-    splits = digits.load_splits()
+    self.frozen = _host({**problem.frozen, "hparams": train.hparams_from_config(config)})
+    splits = digits_data.load_splits()
     self.splits = splits
-    self.rule = digits.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
-    self.judge = digits.fit_digit_judge(splits["x_train"], splits["c_train"])
+    self.rule = digits_data.LabelRule.from_dict(problem.info["classifier"]["label_rule"])
+    self.judge = digits_data.fit_digit_judge(splits["x_train"], splits["c_train"])
     self.held = self.judge.features(splits["x_heldout"])
     self.c_eval, self.y_eval = digits_eval.eval_requests(self.ls, self.cc.samples_per_cell)
     self.c_tune, self.y_tune = digits_eval.eval_requests(self.ls, self.cc.tune_samples_per_cell)
-    self.plain = digits_eval.make_sampler(self.setup)
+    self.plain = generate.make_sampler(self.setup)
     self.path = os.path.join(out_dir, results_file)
     self.results: dict[str, Any] = {}
     if os.path.exists(self.path):
@@ -223,7 +225,7 @@ def make_method(method: str, config: ml_collections.ConfigDict, workdir: str, be
   reuses it. info: UNet evaluations per sample, training time (and a note)."""
   cc = bench.cc
   n_steps = len(bench.setup.timesteps)
-  evals = functools.partial(baselines.unet_evals_per_sample, num_steps=n_steps)
+  evals = functools.partial(guidance.unet_evals_per_sample, num_steps=n_steps)
   if method == "pretrained":
     fn = bench.sampler(problem.params)
     return (lambda c, y, k, w: fn(c, y, k)), {"unet_evals_per_sample": evals("ddim"),
@@ -242,7 +244,7 @@ def make_method(method: str, config: ml_collections.ConfigDict, workdir: str, be
         "unet_evals_per_sample": evals("ddim"), "training_time_s": info["wall_time_s"],
         "training_note": "CTRL fine-tuning wall time (last invocation that trained)"}
   if method == "cfg_triplets":
-    from ctrl_jax import cfg_triplets  # pylint: disable=g-import-not-at-top
+    from ctrl_jax.baselines import cfg_triplets  # pylint: disable=g-import-not-at-top
     cfg_params, cfg_info = cfg_triplets.train_cfg_triplets(config, workdir)
     return bench.cfg_fn(cfg_params), {
         "unet_evals_per_sample": evals("ddim"),
@@ -254,15 +256,15 @@ def make_method(method: str, config: ml_collections.ConfigDict, workdir: str, be
   if method == "classifier_guidance":
     t0 = time.time()
     k, ls = config.classifier, bench.ls
-    x, y = digits.sample_label_pairs(bench.splits["x_train"], bench.rule, k.num_labels,
+    x, y = digits_data.sample_label_pairs(bench.splits["x_train"], bench.rule, k.num_labels,
                                      k.label_seed)
     modules, noisy_params = [], []
     for t, n in enumerate(ls.task_classes):
-      modules.append(baselines.NoisyDigitClassifier(n))
-      noisy_params.append(baselines.fit_noisy_classifier(
+      modules.append(guidance.NoisyDigitClassifier(n))
+      noisy_params.append(guidance.fit_noisy_classifier(
           x, y[:, t], n, bench.frozen["schedule"], k.seed + t, steps=cc.noisy_classifier_steps))
     weights = tuple(config.get("reward_weights") or ()) or (1.0,) * ls.num_tasks
-    noisy_fn = baselines.make_noisy_log_prob_fn(modules, weights)
+    noisy_fn = guidance.make_noisy_log_prob_fn(modules, weights)
     noisy_time = time.time() - t0
   sample = make_guided_sampler(method, bench.setup, cc, noisy_fn)
   frozen = bench.frozen
@@ -279,7 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.problem != "digits":
     raise ValueError(f"config.problem={config.problem!r}: the comparison runs on 'digits'.")
   cc = compare_config(config)
-  problem = digits_pipeline.build_problem(config, workdir)
+  problem = digits_stages.build_problem(config, workdir)
   bench = Bench(config, problem, os.path.join(workdir, "compare"))
   order = ["pretrained"] + [m for m in ALL_METHODS if m in cc.methods and m != "pretrained"]
   for method in order:
@@ -295,6 +297,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     bench.evaluate(method, lambda c, y, key, fn=fn, w=w: fn(c, y, key, w), info, compiled=tuned)
   write_table(os.path.join(bench.out_dir, "results.md"), bench.results, bench.ls.num_tasks > 1)
   return bench.results
+
+
+def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
+                 params: dict | None = None) -> dict:
+  """What `python -m ctrl_jax.launch.evaluate` runs: the problem's evaluation of the CTRL run
+  in `workdir`, or, with config.eval.method set to a method of this comparison (e.g. "dps",
+  "svdd"), that method on the same pre-trained model, into DIR/eval_<method>/ (same artifacts).
+
+  The method's weight is config.eval.weight, or (when < 0) the one the comparison tuned
+  (DIR/compare/results.json).
+  """
+  method = config.get("eval", {}).get("method", "ctrl")
+  if method == "ctrl":
+    return experiment.evaluate(config, workdir, params)
+  if config.problem != "digits":
+    raise ValueError(f"config.eval.method={method!r}: baselines are evaluated on 'digits' only.")
+  problem = digits_stages.build_problem(config, workdir)
+  bench = Bench(config, problem, os.path.join(workdir, "compare"))
+  w = float(config.eval.get("weight", -1.0))
+  if w < 0:
+    if "weight" not in bench.results.get(method, {}):
+      raise ValueError(f"config.eval.method={method!r}: no tuned weight in {bench.path}; run "
+                       "`python -m ctrl_jax.launch.compare` first or set --config.eval.weight.")
+    w = float(bench.results[method]["weight"])
+  fn, _ = make_method(method, config, workdir, bench, problem)
+  return digits_eval.evaluate(
+      config, workdir, problem, problem.params,
+      method_sampler=lambda params, frozen, c, y, key: fn(c, y, key, w),
+      title=f"{method} (weight {w:g}) on p(x | c)", out_name=f"eval_{method}")
 
 
 def write_table(path: str, results: dict, multitask: bool) -> str:

@@ -13,7 +13,7 @@ Studies (config.studies, documented in configs/digits.py):
           p̂(y | x, c) (the asked digit passed to the reward), same labelled pairs.
 Every variant shares DIR's pre-trained model (and DIR's classifier when its classifier config is
 DIR's), trains in DIR/studies/<study>/<variant>/ (resumable like any run) and is scored by the
-comparison's fixed evaluation (ctrl_jax.compare.Bench: same requests, judge and seeds as
+comparison's fixed evaluation (ctrl_jax.baselines.compare.Bench: same requests, judge and seeds as
 `ctrl_jax.launch.compare`). A variant equal to DIR's own config is DIR's own CTRL run.
 Outputs: DIR/studies/<study>/results.json, results.md, <study>.png and one grid per variant.
 """
@@ -27,9 +27,9 @@ from typing import Any
 
 import ml_collections
 
-from ctrl_jax import compare
-from ctrl_jax import digits_pipeline
 from ctrl_jax import experiment
+from ctrl_jax.baselines import compare
+from ctrl_jax.problems.digits import stages as digits_stages
 
 STUDIES = ("labels", "gamma", "lora", "dependent")
 
@@ -117,7 +117,7 @@ def variant_workdir(workdir: str, study: str, variant: Variant,
 
 
 def _ctrl(bench: compare.Bench, vconfig, vdir: str) -> tuple[Any, dict]:
-  problem = digits_pipeline.build_problem(vconfig, vdir)
+  problem = digits_stages.build_problem(vconfig, vdir)
   info_path = os.path.join(vdir, "finetune", "info.json")
   try:
     params, step = experiment.load_finetuned(vconfig, vdir, problem)
@@ -145,11 +145,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
     raise ValueError(f"config.problem={config.problem!r}: the studies run on 'digits'.")
   vs = variants(config, study)
   out_dir = os.path.join(workdir, "studies", study)
-  problem = digits_pipeline.build_problem(config, workdir)  # DIR's stages first (shared)
+  problem = digits_stages.build_problem(config, workdir)  # DIR's stages first (shared)
   bench_config = config
   if study == "dependent":  # another task: scored by its own label rule (the first variant's)
     bench_config = variant_config(config, vs[0].overrides)
-    problem = digits_pipeline.build_problem(bench_config,
+    problem = digits_stages.build_problem(bench_config,
                                             variant_workdir(workdir, study, vs[0], config))
   bench = compare.Bench(bench_config, problem, out_dir)
   if "pretrained" not in bench.results:
@@ -161,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
     if v.method == "ctrl":
       fn, extra = _ctrl(bench, vconfig, variant_workdir(workdir, study, v, config))
     elif v.method == "cfg_triplets":
-      from ctrl_jax import cfg_triplets  # pylint: disable=g-import-not-at-top
+      from ctrl_jax.baselines import cfg_triplets  # pylint: disable=g-import-not-at-top
       n = vconfig.classifier.num_labels
       cfg_params, cfg_info = cfg_triplets.train_cfg_triplets(
           config, workdir, num_labels=None if n == config.classifier.num_labels else n)

@@ -6,7 +6,7 @@ Tasks (config.task) and their label spaces (several tasks → one index, row-maj
   "multitask"        ("aesthetic", "compress2") 2 × 2; label ℓ: aesthetic = ℓ // 2, compress = ℓ % 2
 
 Stages in DIR: classifier/ (fitted p̂(y | x) per task name, `info.json` written last), then
-CTRL (experiment.finetune). The `:tiny` configs use `pretrained_model="tiny"`: a random
+CTRL (`ctrl_jax.experiment.finetune`). The `:tiny` configs use `pretrained_model="tiny"`: a random
 SD-shaped folder and synthetic offline data written into DIR by the same code path.
 """
 from __future__ import annotations
@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctrl_jax import experiment
-from ctrl_jax import rewards
-from ctrl_jax import schedules
-from ctrl_jax import train
+from ctrl_jax.core import rewards
+from ctrl_jax.core import schedules
+from ctrl_jax.core import train
 from ctrl_jax.models import augmented
 from ctrl_jax.models import sd as sd_lib
 from ctrl_jax.models import weights
+from ctrl_jax.problems import base
+from ctrl_jax.runtime import stage
 
 TASKS = {"aesthetic": (("aesthetic",), (2,)),
          "compressibility": (("compress4",), (4,)),
@@ -145,7 +146,7 @@ class GroundTruth:
     self.jpeg_quality = jpeg_quality
 
   def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    from ctrl_jax import compressibility  # pylint: disable=g-import-not-at-top
+    from ctrl_jax.problems.sd import compressibility  # pylint: disable=g-import-not-at-top
     out = {}
     if "aesthetic" in self.names:
       from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
@@ -184,7 +185,7 @@ def _load_aesthetic_truth(k: ml_collections.ConfigDict, workdir: str, seed: int)
 
 
 def _offline_images(path: str, size: int, what: str) -> np.ndarray:
-  from ctrl_jax import compressibility  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.problems.sd import compressibility  # pylint: disable=g-import-not-at-top
   if not path:
     raise ValueError(f"config.classifier.{what} is empty; give a folder of images.")
   return compressibility.load_image_folder(path, size=size)
@@ -193,9 +194,10 @@ def _offline_images(path: str, size: int, what: str) -> np.ndarray:
 def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
   """Fits p̂(y_t | x) per task name unless DIR/classifier/info.json exists (a different
   classifier config is refused). Returns (applies, params per task, info, ground truth)."""
-  from ctrl_jax import compressibility  # pylint: disable=g-import-not-at-top
-  from ctrl_jax import digits_pipeline  # pylint: disable=g-import-not-at-top  (shared helpers)
+  from ctrl_jax.problems.sd import compressibility  # pylint: disable=g-import-not-at-top
   from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from ctrl_jax.problems.sd import aesthetic as aesthetic_head
   k = config.classifier
   ls = label_space(config.task)
   stage_dir = os.path.join(workdir, "classifier")
@@ -218,7 +220,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
 
   if os.path.exists(info_path):
     info = weights.read_json(info_path)
-    digits_pipeline._check_same("classifier", info["config"], wanted, info_path)  # pylint: disable=protected-access
+    stage.check_same(info["config"], wanted, info_path, "config.classifier")
     print(f"[classifier] reusing {stage_dir}", flush=True)
     params = [full_params(name, _load_msgpack(os.path.join(stage_dir, f"{name}.msgpack")))
               for name in ls.task_names]
@@ -238,7 +240,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
     if name == "aesthetic":
       clip_model, clip_params, mlp = truth_models
       if aesthetic_data.endswith(".npz"):
-        emb, scores = aesthetic.load_embeddings_npz(aesthetic_data)
+        emb, scores = aesthetic_head.load_embeddings_npz(aesthetic_data)
       else:
         images = _offline_images(aesthetic_data, data_size, "aesthetic_data")
         emb = np.concatenate([np.asarray(aesthetic.image_embedding(
@@ -249,7 +251,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
       thr = float(np.median(scores)) if k.aesthetic_threshold < 0 else k.aesthetic_threshold
       info["aesthetic_threshold"] = thr
       labels = (scores >= thr).astype(np.int32)
-      head, fit = aesthetic.fit_head(emb, labels, config.seed + t, epochs=k.head_epochs,
+      head, fit = aesthetic_head.fit_head(emb, labels, config.seed + t, epochs=k.head_epochs,
                                      batch=k.head_batch, lr=k.head_lr,
                                      calib_fraction=k.calib_fraction)
       fit.update(class_counts=np.bincount(labels, minlength=2).tolist(),
@@ -281,7 +283,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
 # ----------------------------------------------------------------------------- the problem
 
 
-def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment.Problem:
+def build_problem(config: ml_collections.ConfigDict, workdir: str) -> base.Problem:
   """Loads SD, encodes the prompts once, fits / reuses the classifiers; the CTRL problem."""
   dtype = activation_dtype(config)
   sd = sd_lib.load_sd(pretrained_folder(config, workdir), dtype=dtype)
@@ -305,6 +307,6 @@ def build_problem(config: ml_collections.ConfigDict, workdir: str) -> experiment
             "contexts": jnp.asarray(contexts), "uncond_context": jnp.asarray(uncond),
             "schedule": schedules.make_schedule()}
   params = train.init_trainable(setup, jax.random.key(config.seed), sd.unet_params)
-  return experiment.Problem(setup=setup, frozen=frozen, params=params,
+  return base.Problem(setup=setup, frozen=frozen, params=params,
                             num_prompts=len(config.prompts),
                             info={"classifier": cls_info, "sd": sd, "truth": truth})

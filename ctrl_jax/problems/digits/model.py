@@ -17,10 +17,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from ctrl_jax import loop
-from ctrl_jax import schedules
-from ctrl_jax import sharding as shd
+from ctrl_jax.core import schedules
 from ctrl_jax.models import unet as unet_lib
+from ctrl_jax.runtime import loop
+from ctrl_jax.runtime import sharding as shd
 
 NUM_DIGITS = 10
 

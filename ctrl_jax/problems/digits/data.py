@@ -17,16 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.linalg
-import scipy.special
 import sklearn.datasets
 import sklearn.decomposition
 import sklearn.svm
+
+from ctrl_jax.core import calibration
 
 NUM_TRAIN = 1200
 EDGE_EPS = 1e-6  # edge(x) denominator Σx + EDGE_EPS: finite on blank / generated images.
 TASKS = ("ink", "multitask", "inkc")
 # Tasks whose edges are per digit class: y depends on (x, c), so y ⟂ c | x fails (the open
-# question (c) of CTRL_METHOD.md §10; ctrl_jax.studies "dependent").
+# question (c) of docs/method.md §11; ctrl_jax.baselines.studies "dependent").
 PER_DIGIT_TASKS = ("inkc",)
 NUM_DIGITS = 10
 
@@ -258,38 +259,6 @@ def _adam_fit(model, params, images, labels, batch_idx, cond=None, *, lr):
   return {"params": {**net, "temperature": temperature}}, losses
 
 
-def _batch_indices(rng: np.random.Generator, n: int, steps: int, batch: int) -> np.ndarray:
-  """[steps, batch] indices into n items: consecutive shuffled epochs (full batch if batch ≥ n)."""
-  if batch >= n:
-    return np.tile(np.arange(n), (steps, 1))
-  epochs = -(-steps * batch // n)
-  flat = np.concatenate([rng.permutation(n) for _ in range(epochs)])
-  return flat[:steps * batch].reshape(steps, batch)
-
-
-LOG_T_RANGE = (-3.0, 3.0)
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray,
-                    prior_std: float = 1.0) -> tuple[float, float, float]:
-  """MAP temperature of softmax(logits / T) on (logits [N, K], labels [N]).
-
-  Minimises Σ_i NLL_i(T) + (log T)² / (2·prior_std²) by grid search over log T in LOG_T_RANGE
-  (steps of 0.005, plus log T = 0 exactly). The objective at the optimum is ≤ its value at
-  T = 1, where the prior term is 0, so the mean NLL after is ≤ the NLL at T = 1 by construction.
-  The prior matters when the calibration pairs are all classified correctly: the NLL then
-  falls monotonically as T → 0, and plain NLL minimisation would sharpen to the range's end.
-  Returns (T, mean NLL at T = 1, mean NLL at T).
-  """
-  log_t = np.concatenate([[0.0], np.linspace(*LOG_T_RANGE, 1201)])
-  z = np.asarray(logits, np.float64)[None] / np.exp(log_t)[:, None, None]  # [G, N, K]
-  logp = z - scipy.special.logsumexp(z, axis=-1, keepdims=True)
-  nll = -np.take_along_axis(logp, np.asarray(labels)[None, :, None], axis=-1)[..., 0].mean(-1)
-  objective = nll * len(labels) + log_t ** 2 / (2.0 * prior_std ** 2)
-  best = int(np.argmin(objective))  # first minimum: T = 1 wins ties
-  return float(np.exp(log_t[best])), float(nll[0]), float(nll[best])
-
-
 def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, *,
                    steps: int = 1000, batch: int = 256, lr: float = 1e-2,
                    calib_fraction: float = 0.2, neighbour_diffs: bool = True,
@@ -320,36 +289,20 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
   params = model.init(jax.random.PRNGKey(seed), jnp.asarray(images[:1]),
                       *(() if cond is None else (cond[:1],)))
   params, losses = _adam_fit(model, params, jnp.asarray(images[fit]), jnp.asarray(labels[fit]),
-                             jnp.asarray(_batch_indices(rng, len(fit), steps, batch)),
+                             jnp.asarray(calibration.batch_indices(rng, len(fit), steps, batch)),
                              part(fit), lr=lr)
   logits_fit = np.asarray(_apply(model, params, jnp.asarray(images[fit]), part(fit)))
   logits_cal = np.asarray(_apply(model, params, jnp.asarray(images[cal]), part(cal)))  # T = 1
-  temperature, nll_before, nll_after = fit_temperature(logits_cal, labels[cal])
+  temperature, nll_before, nll_after = calibration.fit_temperature(logits_cal, labels[cal])
   params = {"params": {**params["params"], "temperature": jnp.asarray(temperature, jnp.float32)}}
   info = {"train_acc": float((logits_fit.argmax(-1) == labels[fit]).mean()),
           "calib_acc": float((logits_cal.argmax(-1) == labels[cal]).mean()),
           "final_loss": float(losses[-1]), "temperature": temperature,
-          "temperature_at_bound": bool(np.isclose(np.log(temperature), LOG_T_RANGE).any()),
+          "temperature_at_bound": bool(np.isclose(np.log(temperature),
+                                                   calibration.LOG_T_RANGE).any()),
           "calib_nll_before": nll_before, "calib_nll_after": nll_after,
           "num_fit": int(len(fit)), "num_calib": int(n_cal)}
   return params, info
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
-  """Top-label ECE: Σ_bins (n_b / N)·|acc_b − conf_b|, equal-width bins ((m−1)/M, m/M].
-
-  probs [N, K], labels [N].
-  """
-  probs = np.asarray(probs, np.float64)
-  conf = probs.max(-1)
-  correct = (probs.argmax(-1) == np.asarray(labels)).astype(np.float64)
-  bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-  ece = 0.0
-  for b in range(n_bins):
-    m = bins == b
-    if m.any():
-      ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-  return float(ece)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Rewards from calibrated classifiers p̂(y | x), and the label space of one or more tasks.
 
-reward(x, y) = Σ_tasks w_task · log(p̂_task(y_task | x) + 1e-6)   (CTRL_METHOD.md §4)
+reward(x, y) = Σ_tasks w_task · log(p̂_task(y_task | x) + 1e-6)   (docs/method.md §4)
 """
 from __future__ import annotations
 
@@ -63,6 +63,21 @@ def sample_labels(rng: np.random.Generator, label_space: LabelSpace, n: int) -> 
   """y uniform over each task's classes, independently: int32 [n, T]."""
   return np.stack([rng.integers(0, k, size=n) for k in label_space.task_classes],
                   axis=-1).astype(np.int32)
+
+
+def sample_requests(seed: int, step: int, label_space: LabelSpace, num_prompts: int,
+                    num_micro: int, micro_batch: int) -> dict:
+  """The (c, y) requests of update `step`: a function of (seed, step) only, so a resumed run
+  sees the same batches. c uniform over prompts, y uniform over each task's classes.
+
+  Returns {"prompt": int32 [num_micro, micro_batch], "y": int32 [num_micro, micro_batch, T]}.
+  """
+  rng = np.random.default_rng([seed, step])
+  n = num_micro * micro_batch
+  y = sample_labels(rng, label_space, n)
+  prompt = rng.integers(0, num_prompts, size=n).astype(np.int32)
+  return {"prompt": prompt.reshape(num_micro, micro_batch),
+          "y": y.reshape(num_micro, micro_batch, -1)}
 
 
 def make_reward_fn(classifiers: Sequence[ClassifierApply], weights: Sequence[float],

@@ -5,7 +5,7 @@ Each stage keeps its outputs in the workdir and is skipped when they are already
   DIR/pretrain/final, DIR/pretrain/info.json      p(x | c): EMA params of the UNet + c table
   DIR/classifier/params, DIR/classifier/info.json  p̂(y | x) per task name, label rule, metrics
   DIR/finetune/ckpt/<step>, DIR/finetune.jsonl     CTRL (ctrl_jax.experiment.finetune)
-  DIR/eval/                                        ctrl_jax.digits_eval
+  DIR/eval/                                        ctrl_jax.problems.digits.evaluation
 
 `info.json` is written last, after the arrays are on disk: its presence marks a stage done. A
 stage killed midway resumes from its own checkpoints (pre-training) or reruns (classifier, a
@@ -13,7 +13,6 @@ few seconds).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Optional
@@ -23,45 +22,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctrl_jax import checkpoint
-from ctrl_jax import digits
-from ctrl_jax import digits_model
-from ctrl_jax import experiment
-from ctrl_jax import rewards
-from ctrl_jax import schedules
-from ctrl_jax import train
+from ctrl_jax.core import calibration
+from ctrl_jax.core import rewards
+from ctrl_jax.core import schedules
+from ctrl_jax.core import train
 from ctrl_jax.models import augmented
 from ctrl_jax.models import unet as unet_lib
-
-
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # atomic: a crash never leaves a half-written marker
+from ctrl_jax.problems import base
+from ctrl_jax.problems.digits import data as digits_data
+from ctrl_jax.problems.digits import model as digits_model
+from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import stage
 
 
 # Config fields added after runs were saved: a saved stage without one was made with its default.
 _ADDED_FIELDS = {"use_digit": False}
-
-
-def _check_same(stage: str, saved: dict, wanted: dict, path: str) -> None:
-  """A stage's saved config must match the current one, or reusing it would be silent drift."""
-  saved = {**_ADDED_FIELDS, **saved}
-  diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-  if diff:
-    raise ValueError(f"{path} was made with a different config.{stage} ("
-                     + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                     + f"); use a fresh --workdir or delete {os.path.dirname(path)}.")
-
-
-def _config_dict(c: ml_collections.ConfigDict) -> dict:
-  return json.loads(c.to_json())
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -84,12 +59,13 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str,
   info_path = os.path.join(stage_dir, "info.json")
   unet, abstract = pretrained_target(config)
   if os.path.exists(info_path):
-    info = _read_json(info_path)
-    _check_same("pretrain", info["config"], _config_dict(config.pretrain), info_path)
+    info = stage.read_json(info_path)
+    stage.check_same(info["config"], stage.config_dict(config.pretrain), info_path,
+                     "config.pretrain", _ADDED_FIELDS)
     print(f"[pretrain] reusing {stage_dir}", flush=True)
     return unet, checkpoint.load_tree(os.path.join(stage_dir, "final"), abstract), info
   t0 = time.time()
-  splits = digits.load_splits()
+  splits = digits_data.load_splits()
   unet, params = digits_model.pretrain(config.pretrain, splits["x_train"], splits["c_train"],
                                        workdir, on_running)
   final = os.path.join(stage_dir, "final")
@@ -97,9 +73,9 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str,
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(final)
   checkpoint.save_tree(final, params)
-  info = {"config": _config_dict(config.pretrain), "wall_time_s": time.time() - t0,
+  info = {"config": stage.config_dict(config.pretrain), "wall_time_s": time.time() - t0,
           "num_params": int(sum(np.size(v) for v in jax.tree_util.tree_leaves(params)))}
-  _write_json(info_path, info)
+  stage.write_json(info_path, info)
   print(f"[pretrain] done in {info['wall_time_s']:.0f}s; {info['num_params']} params", flush=True)
   return unet, params, info
 
@@ -108,7 +84,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str,
 
 
 def classifier_modules(task: str, use_digit: bool = False) -> list:
-  return [digits.classifier_for(name, use_digit) for name in digits.task_names(task)]
+  return [digits_data.classifier_for(name, use_digit) for name in digits_data.task_names(task)]
 
 
 def classifier_target(config: ml_collections.ConfigDict) -> tuple[list, list]:
@@ -122,7 +98,7 @@ def classifier_target(config: ml_collections.ConfigDict) -> tuple[list, list]:
 
 
 def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
-                       ) -> tuple[digits.LabelRule, list, list, dict]:
+                       ) -> tuple[digits_data.LabelRule, list, list, dict]:
   """Fits p̂(y_t | x) for each task name unless DIR/classifier/info.json exists.
 
   The label rule's edges come from the whole train split (the task definition); the classifier
@@ -135,18 +111,18 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
   info_path = os.path.join(stage_dir, "info.json")
   use_digit = bool(config.classifier.get("use_digit", False))
   modules, abstract = classifier_target(config)
-  wanted = {**_config_dict(config.classifier), "task": config.task}
+  wanted = {**stage.config_dict(config.classifier), "task": config.task}
   if os.path.exists(info_path):
-    info = _read_json(info_path)
-    _check_same("classifier", info["config"], wanted, info_path)
+    info = stage.read_json(info_path)
+    stage.check_same(info["config"], wanted, info_path, "config.classifier", _ADDED_FIELDS)
     print(f"[classifier] reusing {stage_dir}", flush=True)
     params = checkpoint.load_tree(os.path.join(stage_dir, "params"), abstract)
-    return digits.LabelRule.from_dict(info["label_rule"]), modules, params, info
+    return digits_data.LabelRule.from_dict(info["label_rule"]), modules, params, info
   t0 = time.time()
   k = config.classifier
-  splits = digits.load_splits()
-  rule = digits.make_label_rule(config.task, splits["x_train"], splits["c_train"])
-  idx = digits.label_pair_indices(len(splits["x_train"]), k.num_labels, k.label_seed)
+  splits = digits_data.load_splits()
+  rule = digits_data.make_label_rule(config.task, splits["x_train"], splits["c_train"])
+  idx = digits_data.label_pair_indices(len(splits["x_train"]), k.num_labels, k.label_seed)
   x, c = splits["x_train"][idx], splits["c_train"][idx]
   y = rule.labels(x, c)
   y_held = rule.labels(splits["x_heldout"], splits["c_heldout"])
@@ -154,13 +130,13 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
       (jnp.asarray(splits["c_heldout"]),) if use_digit else ())
   params, per_task = [], {}
   for t, (name, module) in enumerate(zip(rule.names, modules)):
-    p, fit_info = digits.fit_classifier(
+    p, fit_info = digits_data.fit_classifier(
         x, y[:, t], module.num_classes, k.seed + t, steps=k.steps, lr=k.lr,
         calib_fraction=k.calib_fraction, neighbour_diffs=module.neighbour_diffs,
         cond=c if use_digit else None)
     probs = np.asarray(jax.nn.softmax(module.apply(p, *held_in)))
     fit_info.update(heldout_acc=float((probs.argmax(-1) == y_held[:, t]).mean()),
-                    heldout_ece=digits.expected_calibration_error(probs, y_held[:, t]))
+                    heldout_ece=calibration.expected_calibration_error(probs, y_held[:, t]))
     per_task[name] = fit_info
     params.append(p)
     print(f"[classifier] {name}: held-out acc {fit_info['heldout_acc']:.3f} "
@@ -172,7 +148,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
   checkpoint.save_tree(path, params)
   info = {"config": wanted, "label_rule": rule.to_dict(), "tasks": per_task,
           "wall_time_s": time.time() - t0}
-  _write_json(info_path, info)
+  stage.write_json(info_path, info)
   return rule, modules, params, info
 
 
@@ -180,7 +156,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
 
 
 def label_space(task: str) -> rewards.LabelSpace:
-  return rewards.LabelSpace(digits.task_names(task), digits.task_classes(task))
+  return rewards.LabelSpace(digits_data.task_names(task), digits_data.task_classes(task))
 
 
 def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlSetup:
@@ -189,7 +165,7 @@ def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlS
   weights = tuple(config.get("reward_weights") or ()) or (1.0,) * len(modules)
   if len(weights) != len(modules):
     raise ValueError(f"config.reward_weights={tuple(weights)}: need one weight per task name "
-                     f"{digits.task_names(config.task)}.")
+                     f"{digits_data.task_names(config.task)}.")
   reward_fn = rewards.make_reward_fn([m.apply for m in modules], weights,
                                      takes_prompt=[m.num_conditions > 0 for m in modules])
   return train.CtrlSetup(
@@ -217,7 +193,7 @@ def _assemble(config: ml_collections.ConfigDict, setup: train.CtrlSetup, pre: di
 
 def build_problem(config: ml_collections.ConfigDict, workdir: str,
                   setup: train.CtrlSetup | None = None,
-                  on_running: Optional[Callable[[], None]] = None) -> experiment.Problem:
+                  on_running: Optional[Callable[[], None]] = None) -> base.Problem:
   """Runs the missing stages, then returns the CTRL problem on the pre-trained digits model.
 
   `setup` (from `abstract_problem(config).setup`) is used instead of building an equal one, so
@@ -236,12 +212,12 @@ def build_problem(config: ml_collections.ConfigDict, workdir: str,
   _, modules, cls_params, cls_info = ensure_classifiers(config, workdir)
   setup = setup or build_setup(config, unet, modules)
   frozen, params = _assemble(config, setup, pre, cls_params)
-  return experiment.Problem(setup=setup, frozen=frozen, params=params,
+  return base.Problem(setup=setup, frozen=frozen, params=params,
                             num_prompts=digits_model.NUM_DIGITS,
                             info={"pretrain": pre_info, "classifier": cls_info})
 
 
-def abstract_problem(config: ml_collections.ConfigDict) -> experiment.Problem:
+def abstract_problem(config: ml_collections.ConfigDict) -> base.Problem:
   """The problem `build_problem` will return, from the config alone: the real setup, frozen
   inputs and params as `jax.ShapeDtypeStruct`s. No stage runs and nothing is read from disk,
   so the train step can be compiled while pre-training runs (`experiment.finetune`)."""
@@ -250,5 +226,5 @@ def abstract_problem(config: ml_collections.ConfigDict) -> experiment.Problem:
   setup = build_setup(config, unet, modules)
   frozen, params = jax.eval_shape(lambda pre, cls: _assemble(config, setup, pre, cls),
                                   abstract_pre, abstract_cls)
-  return experiment.Problem(setup=setup, frozen=frozen, params=params,
+  return base.Problem(setup=setup, frozen=frozen, params=params,
                             num_prompts=digits_model.NUM_DIGITS)

@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from ctrl_jax import checkpoint
-from ctrl_jax import progress
+from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import progress
 
 
 def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
