@@ -8,7 +8,7 @@
 #
 # Environment (all optional):
 #   VENV=DIR          virtual environment (default: REPO/.venv, git-ignored); created once.
-#   PYTHON=python3    interpreter that creates the venv (>= 3.10).
+#   PYTHON=python3    interpreter that creates the venv (>= 3.11).
 #   JAX_CUDA=cuda12   jax extra: cuda12 or cuda13 (must match the machine's NVIDIA driver).
 #   XLA_FLAGS=...     appended to the GPU flags set below.
 #   STAGES="fit_classifier finetune"   stages to run, in order ("" = install only).

@@ -11,6 +11,17 @@ import numpy as np
 import scipy.special
 
 
+def calibration_split(rng: np.random.Generator, n: int,
+                      calib_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(held-back indices, fitting indices) of n labelled items: a seeded permutation whose first
+  round(calib_fraction · n) items are held back to fit the temperature on."""
+  perm = rng.permutation(n)
+  n_cal = int(round(calib_fraction * n))
+  if n_cal < 1 or n - n_cal < 1:
+    raise ValueError(f"calib_fraction={calib_fraction} leaves an empty part of {n}.")
+  return perm[:n_cal], perm[n_cal:]
+
+
 def batch_indices(rng: np.random.Generator, n: int, steps: int, batch: int) -> np.ndarray:
   """[steps, batch] indices into n items: consecutive shuffled epochs (full batch if batch ≥ n)."""
   if batch >= n:

@@ -277,11 +277,8 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
   if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
     raise ValueError(f"need images [N, H, W] and labels [N]; got {images.shape}, {labels.shape}.")
   rng = np.random.default_rng(seed)
-  perm = rng.permutation(len(images))
-  n_cal = int(round(calib_fraction * len(images)))
-  cal, fit = perm[:n_cal], perm[n_cal:]
-  if n_cal < 1 or len(fit) < 1:
-    raise ValueError(f"calib_fraction={calib_fraction} leaves an empty part of {len(images)}.")
+  cal, fit = calibration.calibration_split(rng, len(images), calib_fraction)
+  n_cal = len(cal)
   model = PixelPoolClassifier(num_classes, neighbour_diffs=neighbour_diffs,
                               num_conditions=0 if cond is None else NUM_DIGITS)
   cond = None if cond is None else jnp.asarray(cond, jnp.int32)

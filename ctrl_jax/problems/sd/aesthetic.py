@@ -75,11 +75,8 @@ def fit_head(embeddings: np.ndarray, labels: np.ndarray, seed: int, *, epochs: i
     raise ValueError(f"labels must be 0 or 1; got values {np.unique(labels)[:10]}.")
   labels = labels.astype(np.int32)
   rng = np.random.default_rng(seed)
-  perm = rng.permutation(len(labels))
-  n_cal = int(round(calib_fraction * len(labels)))
-  cal, fit = perm[:n_cal], perm[n_cal:]
-  if n_cal < 1 or len(fit) < 1:
-    raise ValueError(f"calib_fraction={calib_fraction} leaves an empty part of {len(labels)}.")
+  cal, fit = calibration.calibration_split(rng, len(labels), calib_fraction)
+  n_cal = len(cal)
   key = jax.random.key(seed)
   params = HEAD.init(jax.random.fold_in(key, 0), jnp.asarray(embeddings[:1]))["params"]
   net = {k: v for k, v in params.items() if k != "temperature"}

@@ -256,12 +256,9 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
                      f"[{labels.min()}, {labels.max()}].")
   labels = labels.astype(np.int32)
   rng = np.random.default_rng(seed)
-  perm = rng.permutation(len(images))
-  n_cal = int(round(calib_fraction * len(images)))
-  cal, fit = perm[:n_cal], perm[n_cal:]
-  if n_cal < 1 or len(fit) < 1:
-    raise ValueError(f"calib_fraction={calib_fraction} leaves an empty part of "
-                     f"{len(images)} images.")
+  cal, fit = calibration.calibration_split(rng, len(images), calib_fraction)
+  n_cal = len(cal)
+  perm = np.concatenate([cal, fit])
 
   small = _map_in_chunks(functools.partial(_resize_chunk, size=input_size), images, EVAL_CHUNK)
   model = CompressibilityCNN(num_classes, width=width, input_size=input_size)
