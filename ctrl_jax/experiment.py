@@ -6,21 +6,26 @@ does per step is the pure, jitted `train.make_train_step`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
+from ctrl_jax.core import objective
 from ctrl_jax.core import rewards
+from ctrl_jax.core import sampling
 from ctrl_jax.core import train
 from ctrl_jax.problems import base
 from ctrl_jax.runtime import background_compile
 from ctrl_jax.runtime import checkpoint
 from ctrl_jax.runtime import loop
 from ctrl_jax.runtime import sharding as shd
+from ctrl_jax.runtime import stage
 
 
 def build_problem(config: ml_collections.ConfigDict, workdir: str) -> base.Problem:
@@ -48,9 +53,60 @@ def batch_arithmetic(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]
   return micro, num
 
 
-def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-  if int(config.num_updates) < 1:
-    raise ValueError(f"config.num_updates={config.num_updates} must be ≥ 1.")
+def _field(config: ml_collections.ConfigDict, name: str, expected: str,
+           ok: Callable[[Any], bool], default: Any = None) -> None:
+  value = config.get(name, default)
+  try:
+    good = ok(value)
+  except (TypeError, ValueError):
+    good = False
+  if not good:
+    raise ValueError(f"config.{name}={value!r}: expected {expected}.")
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
+  """Every CTRL field of `config` (types, ranges, choices) and the problem's own fields, before
+  any work; raises ValueError naming the first bad field, its value and what is expected.
+  `mesh` (default: all devices) fixes the batch arithmetic."""
+  _field(config, "problem", f"one of {base.names()}", lambda v: v in base.names())
+  _field(config, "seed", "an integer ≥ 0", lambda v: _count(v) and v >= 0)
+  _field(config, "num_updates", "an integer ≥ 1", lambda v: _count(v) and v >= 1)
+  _field(config, "num_inference_steps", "an integer ≥ 1", lambda v: _count(v) and v >= 1)
+  _field(config, "eta", "a DDIM η in [0, 1]", lambda v: _finite(v) and 0 <= v <= 1)
+  _field(config, "guidance_scale", "a CFG scale ≥ 0", lambda v: _finite(v) and v >= 0)
+  _field(config, "gamma", "a reward weight γ ≥ 0", lambda v: _finite(v) and v >= 0)
+  _field(config, "kl_weight", "a KL weight ≥ 0", lambda v: _finite(v) and v >= 0)
+  _field(config, "kl_convention", f"one of {objective.KL_CONVENTIONS}",
+         lambda v: v in objective.KL_CONVENTIONS)
+  _field(config, "truncation", f"one of {train.TRUNCATIONS}", lambda v: v in train.TRUNCATIONS)
+  _field(config, "truncation_k", "an integer in [1, num_inference_steps]",
+         lambda v: _count(v) and 1 <= v <= config.num_inference_steps, 1)
+  _field(config, "remat_policy", f"'' (off) or one of {sorted(sampling.REMAT_POLICIES)}",
+         lambda v: v in ("", None) or v in sampling.REMAT_POLICIES, "")
+  _field(config, "lora_rank", "an integer ≥ 0", lambda v: _count(v) and v >= 0)
+  for name in ("lr_lora", "lr_label_embedding", "lr_unet", "weight_decay"):
+    _field(config, name, "a number ≥ 0", lambda v: _finite(v) and v >= 0, 0.0)
+  _field(config, "grad_clip_norm", "a number > 0", lambda v: _finite(v) and v > 0)
+  _field(config, "lr_schedule", "'constant' or 'cosine'", lambda v: v in ("constant", "cosine"),
+         "constant")
+  _field(config, "lr_final_fraction", "a number in [0, 1]",
+         lambda v: _finite(v) and 0 <= v <= 1, 1.0)
+  _field(config, "lr_warmup_steps", "an integer in [0, num_updates)",
+         lambda v: _count(v) and 0 <= v < config.num_updates, 0)
+  for name in ("log_every", "checkpoint_every"):
+    _field(config, name, "an integer ≥ 1", lambda v: _count(v) and v >= 1)
+  _field(config, "max_checkpoints", "an integer ≥ 1", lambda v: _count(v) and v >= 1, 3)
+  _field(config, "max_consecutive_skips", "an integer ≥ 1", lambda v: _count(v) and v >= 1,
+         loop.MAX_CONSECUTIVE_SKIPS)
+  mesh = mesh or shd.make_mesh()
   micro, num = batch_arithmetic(config, mesh)
   for field, value in (("micro_batch", micro), ("num_micro_batches", num)):
     if value < 1:
@@ -64,6 +120,56 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.eta <= 0 and config.kl_weight > 0:
     raise ValueError(f"config.eta={config.eta}: the path KL needs η > 0 (at η = 0 the chain is "
                      "deterministic and the KL is undefined); set eta > 0 or kl_weight = 0.")
+  hooks = base.get(config.problem)
+  if hooks.validate is not None:
+    hooks.validate(config)
+
+
+# Fields a resumed run may change: they steer logging, checkpoint cadence and what runs after
+# training, not what is trained. Any other difference from the saved config is refused.
+RESUME_SAFE_FIELDS = ("log_every", "checkpoint_every", "max_checkpoints", "background_compile",
+                      "max_consecutive_skips", "variant", "eval", "compare", "studies")
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Saves the run's config as DIR/finetune/config.json, or (when DIR already holds CTRL
+  checkpoints) compares it with the saved one: a field that changes shapes or meaning is refused
+  with both values, a difference in `RESUME_SAFE_FIELDS` only warned about. `num_updates` may
+  change when the learning rates do not depend on it (constant schedule, no warm-up)."""
+  path = os.path.join(workdir, "finetune", "config.json")
+  now = stage.config_dict(config)
+  if os.path.exists(path) and checkpoint.latest_step(
+      os.path.join(workdir, "finetune", "ckpt")) is not None:
+    saved = stage.read_json(path)
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    diff = {k: (flat_saved.get(k, "(absent)"), flat_now.get(k, "(absent)"))
+            for k in sorted(set(flat_saved) | set(flat_now))
+            if flat_saved.get(k) != flat_now.get(k)}
+    schedule_free = (now.get("lr_schedule", "constant") == "constant"
+                     and not now.get("lr_warmup_steps", 0))
+    safe = {k: v for k, v in diff.items()
+            if k.split(".")[0] in RESUME_SAFE_FIELDS or (k == "num_updates" and schedule_free)}
+    refused = {k: v for k, v in diff.items() if k not in safe}
+    if refused:
+      raise ValueError(
+          f"{workdir!r} holds a CTRL run made with another config ("
+          + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in refused.items())
+          + "); use a fresh --workdir, or the saved values to resume.")
+    if safe:
+      print("[finetune] warning: resuming with changed " + ", ".join(
+          f"{k} ({a!r} → {b!r})" for k, (a, b) in safe.items()), file=sys.stderr, flush=True)
+  if jax.process_index() == 0:
+    stage.write_json(path, now)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
@@ -134,6 +240,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   """
   mesh = shd.make_mesh()
   validate_config(config, mesh)
+  check_resume_config(config, workdir)
   optimizer = make_optimizer(config)
   micro, num_micro = batch_arithmetic(config, mesh)
   repl = shd.replicated(mesh)
@@ -201,7 +308,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   state, history, start = loop.run(
       "finetune", workdir, state, timed_step, batch_fn,
       config.num_updates, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-      max_checkpoints=config.get("max_checkpoints", 3), shown=("loss", "reward", "kl"))
+      max_checkpoints=config.get("max_checkpoints", 3), shown=("loss", "reward", "kl"),
+      max_consecutive_skips=config.get("max_consecutive_skips", loop.MAX_CONSECUTIVE_SKIPS))
   t_end = time.time()
   info = {"wall_time_s": t_end - t_start, "start_step": start,
           "num_updates": config.num_updates,
@@ -235,9 +343,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: dict | Non
   `params` is given): DIR/eval/."""
   hooks = base.get(config.problem)
   run_evaluation = base.hook(config.problem, "evaluate")
-  for stage in hooks.required_stages:
-    if params is None and not os.path.exists(os.path.join(workdir, stage, "info.json")):
-      raise FileNotFoundError(f"{workdir!r} has no finished {stage} stage; run "
+  for name in hooks.required_stages:
+    if params is None and not os.path.exists(os.path.join(workdir, name, "info.json")):
+      raise FileNotFoundError(f"{workdir!r} has no finished {name} stage; run "
                               "`python -m ctrl_jax.launch.finetune` with this --workdir first.")
   problem = hooks.build(config, workdir)
   if params is None:

@@ -27,18 +27,37 @@ from ctrl_jax import experiment
 from ctrl_jax.problems import base
 
 
-def _fresh(out: str) -> None:
-  if os.path.exists(out) and os.listdir(out):
-    if not os.path.exists(os.path.join(out, "ctrl_labels.json")):
-      raise FileExistsError(f"--out={out!r} exists, is not empty and is not an earlier export; "
-                            "refusing to overwrite it.")
-    shutil.rmtree(out)
-  os.makedirs(out, exist_ok=True)
+def _publish(tmp: str, out: str, overwrite: bool) -> None:
+  """Moves the finished export in `tmp` to `out`. An existing `out` keeps every file an export
+  does not write; with `overwrite`, only the entries the export wrote are replaced."""
+  if not os.path.exists(out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    os.replace(tmp, out)
+    return
+  for name in sorted(os.listdir(tmp)):
+    dest = os.path.join(out, name)
+    if os.path.isdir(dest) and not os.path.islink(dest):
+      shutil.rmtree(dest)
+    elif os.path.lexists(dest):
+      os.remove(dest)
+    os.replace(os.path.join(tmp, name), dest)
+  os.rmdir(tmp)
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, out: str,
-           lora_only: bool = False) -> dict[str, Any]:
-  """Exports the latest CTRL checkpoint of `workdir` to `out` through the problem's hook."""
+           lora_only: bool = False, overwrite: bool = False) -> dict[str, Any]:
+  """Exports the latest CTRL checkpoint of `workdir` to `out` through the problem's hook.
+
+  The export is written to a temporary sibling folder and moved into place when complete. A
+  non-empty `out` is refused unless `overwrite`; then only what an export writes is replaced
+  (other files in `out` are kept).
+  """
+  experiment.validate_config(config)
+  if os.path.isfile(out):
+    raise FileExistsError(f"--out={out!r} is a file; give a folder.")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise FileExistsError(f"--out={out!r} is not empty; pass --overwrite to replace the files an "
+                          "export writes there (other files are kept), or choose another --out.")
   hooks = base.get(config.problem)
   write = base.hook(config.problem, "export")
   for stage in hooks.required_stages:
@@ -50,5 +69,25 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str,
   if "unet" in params:
     raise NotImplementedError("export of full fine-tuning (params['unet']) is not supported; "
                               "CTRL here trains LoRA + label embedding.")
-  _fresh(out)
-  return write(config, workdir, out, problem, params, step, lora_only)
+  tmp = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  try:
+    result = write(config, workdir, tmp, problem, params, step, lora_only)
+    _publish(tmp, out, overwrite)
+    print(f"[export] CTRL step {step} → {out} "
+          f"({'LoRA only' if lora_only else 'merged UNet'})", flush=True)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return _relocate(result, tmp, out)
+
+
+def _relocate(tree: Any, tmp: str, out: str) -> Any:
+  """The hook's result with paths under `tmp` pointing into `out`."""
+  if isinstance(tree, dict):
+    return {k: _relocate(v, tmp, out) for k, v in tree.items()}
+  if isinstance(tree, str) and tree.startswith(tmp):
+    return out + tree[len(tmp):]
+  return tree

@@ -7,8 +7,11 @@ import sys
 import chex
 import jax
 import numpy as np
+import pytest
 
 from ctrl_jax import experiment
+from ctrl_jax.core import train
+from ctrl_jax.runtime import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -62,3 +65,46 @@ def test_cli_runs_and_writes_artifacts(tmp_path):
                        text=True, timeout=600)
   assert bad.returncode != 0
   assert "config.eta" in bad.stderr
+
+
+def test_resume_refuses_a_changed_config_and_warns_on_a_safe_change(tmp_path, capsys):
+  """DIR/finetune/config.json is the run's config: a resumed (or rerun) run with another
+  lr_lora, kl_convention or lora_rank is refused with both values, before any orbax restore;
+  log_every may change (a warning)."""
+  workdir = str(tmp_path / "run")
+  experiment.finetune(_config(2), workdir)
+  with open(os.path.join(workdir, "finetune", "config.json")) as f:
+    assert json.load(f)["lr_lora"] == _config(2).lr_lora
+  for field, value in (("lr_lora", 5e-3), ("kl_convention", "exact"), ("lora_rank", 8)):
+    changed = _config(2)
+    changed[field] = value
+    with pytest.raises(ValueError, match=f"{field}: saved .* vs now {value!r}"):
+      experiment.finetune(changed, workdir)
+  safe = _config(2)
+  safe.log_every = 2
+  experiment.finetune(safe, workdir)
+  assert "resuming with changed log_every (1 → 2)" in capsys.readouterr().err
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops_and_checkpoints_stay_finite(
+    tmp_path):
+  """A learning rate of 1e30 makes every update after the first non-finite: those updates are
+  skipped (never applied, never saved), and the run stops after max_consecutive_skips."""
+  config = _config(10)
+  config.lr_lora = config.lr_label_embedding = 1e30
+  config.checkpoint_every = 1
+  config.max_consecutive_skips = 2
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match="2 updates in a row skipped"):
+    experiment.finetune(config, workdir)
+  problem = experiment.build_problem(config, workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "finetune", "ckpt"))
+  steps = ckpt.all_steps()
+  assert steps
+  target = train.create_train_state(problem.params, experiment.make_optimizer(config))
+  for step in steps:
+    state = ckpt.restore(target, step)
+    assert bool(train.all_finite(state["params"])), step
+  ckpt.close()
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "finetune.jsonl"))]
+  assert sum(r["skipped"] for r in rows) >= 2

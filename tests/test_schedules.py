@@ -1,12 +1,16 @@
 """Parity of `ctrl_jax.core.schedules` with PyTorch diffusers' DDIMScheduler, plus input
 validation."""
+import importlib.util
+
+import diffusers
 import numpy as np
 import pytest
 
 from ctrl_jax.core.schedules import ddim_timesteps, make_schedule
 
-diffusers = pytest.importorskip("diffusers")
-torch = pytest.importorskip("torch")
+# diffusers' DDIMScheduler is PyTorch: only the parity tests need torch.
+requires_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                    reason="needs torch (the test extra)")
 
 # (beta_schedule, beta_start, beta_end): DDPM's linear defaults, SD1.5's scaled-linear, cosine.
 SCHEDULES = [
@@ -22,6 +26,7 @@ def _torch_scheduler(beta_schedule, beta_start, beta_end, **kwargs):
                                  set_alpha_to_one=False, **kwargs)
 
 
+@requires_torch
 @pytest.mark.parametrize("beta_schedule,beta_start,beta_end", SCHEDULES)
 def test_schedule_matches_diffusers(beta_schedule, beta_start, beta_end):
   """β, ᾱ and the final ᾱ match diffusers' DDIMScheduler, so sampling uses SD's exact chain."""
@@ -57,6 +62,7 @@ def test_ddim_timesteps_sd_50_steps_exact():
   assert ts[0] == 981 and ts[-1] == 1 and len(ts) == 50
 
 
+@requires_torch
 @pytest.mark.parametrize("num_steps", [10, 25, 50])
 def test_ddim_timesteps_match_diffusers(num_steps):
   """Same timesteps as diffusers' leading spacing with steps_offset=1 (SD1.5's config)."""

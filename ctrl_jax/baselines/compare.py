@@ -299,6 +299,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return bench.results
 
 
+def validate_eval_method(config: ml_collections.ConfigDict) -> None:
+  """config.eval.method must be "ctrl" or a method of this comparison (digits only)."""
+  method = config.get("eval", {}).get("method", "ctrl")
+  if method == "ctrl":
+    return
+  if config.problem != "digits" or method not in ALL_METHODS or method == "pretrained":
+    allowed = ["ctrl"] + ([m for m in ALL_METHODS if m != "pretrained"]
+                          if config.problem == "digits" else [])
+    raise ValueError(f"config.eval.method={method!r}: expected one of {allowed}.")
+
+
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
                  params: dict | None = None) -> dict:
   """What `python -m ctrl_jax.launch.evaluate` runs: the problem's evaluation of the CTRL run
@@ -308,11 +319,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
   The method's weight is config.eval.weight, or (when < 0) the one the comparison tuned
   (DIR/compare/results.json).
   """
+  validate_eval_method(config)
   method = config.get("eval", {}).get("method", "ctrl")
   if method == "ctrl":
     return experiment.evaluate(config, workdir, params)
-  if config.problem != "digits":
-    raise ValueError(f"config.eval.method={method!r}: baselines are evaluated on 'digits' only.")
   problem = digits_stages.build_problem(config, workdir)
   bench = Bench(config, problem, os.path.join(workdir, "compare"))
   w = float(config.eval.get("weight", -1.0))

@@ -275,6 +275,13 @@ def create_train_state(params: dict, optimizer: optax.GradientTransformation,
   return state
 
 
+def all_finite(tree: Any) -> jnp.ndarray:
+  """True iff every floating-point leaf of `tree` is finite everywhere (a bool [] array)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation, mesh: Mesh,
                     wrap: Callable[[Callable], Callable] = lambda f: f
                     ) -> Callable[[dict, dict, jax.Array, dict], tuple[dict, dict]]:
@@ -314,7 +321,16 @@ def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation, m
     metrics["grad_norm"] = optax.tree.norm(mask_null_label_gradient().update(grads, None)[0])
     updates, opt = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "opt": opt}
+    # Finite or skip: an update whose loss, gradient or result is not finite leaves params and
+    # optimiser state as they were (the step counter still advances, so the next update draws
+    # fresh noise); the loop stops after too many in a row (runtime.loop).
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & all_finite(params))
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt": keep(opt, state["opt"])}
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 
   repl = shd.replicated(mesh)

@@ -11,8 +11,12 @@ from ctrl_jax.runtime import hugepages
 if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
   hugepages.reexec_with_hugepages()
 
+from absl import flags  # noqa: E402
+
 from ctrl_jax.baselines import compare  # noqa: E402
 from ctrl_jax.launch import common  # noqa: E402
+
+flags.adopt_module_key_flags(common)  # --config and --workdir in --help
 
 if __name__ == "__main__":
   common.run(compare.run)

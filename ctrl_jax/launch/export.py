@@ -13,7 +13,13 @@ from absl import flags  # noqa: E402
 from ctrl_jax import export  # noqa: E402
 from ctrl_jax.launch import common  # noqa: E402
 
-_OUT = flags.DEFINE_string("out", None, "Output folder (created; an earlier export is replaced).")
+flags.adopt_module_key_flags(common)  # --config and --workdir in --help
+
+_OUT = flags.DEFINE_string("out", None, "Output folder (created; must be empty unless "
+                           "--overwrite).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Write into a non-empty --out, replacing only the files an export "
+    "writes (others are kept).")
 _LORA_ONLY = flags.DEFINE_bool(
     "lora_only", False, "Write the un-merged LoRA + label table (ctrl_lora.safetensors) instead "
     "of a merged UNet.")
@@ -21,4 +27,4 @@ flags.mark_flag_as_required("out")
 
 if __name__ == "__main__":
   common.run(lambda config, workdir: export.export(config, workdir, _OUT.value,
-                                                    _LORA_ONLY.value))
+                                                    _LORA_ONLY.value, _OVERWRITE.value))

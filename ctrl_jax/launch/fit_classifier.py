@@ -10,11 +10,17 @@ from ctrl_jax.runtime import hugepages
 if __name__ == "__main__":  # before jax is imported (glibc reads its tunables at start-up)
   hugepages.reexec_with_hugepages()
 
+from absl import flags  # noqa: E402
+
+from ctrl_jax import experiment  # noqa: E402
 from ctrl_jax.launch import common  # noqa: E402
 from ctrl_jax.problems import base  # noqa: E402
 
+flags.adopt_module_key_flags(common)  # --config and --workdir in --help
+
 
 def fit_classifier(config, workdir):
+  experiment.validate_config(config)
   base.hook(config.problem, "fit_classifier")(config, workdir)
 
 

@@ -18,6 +18,8 @@ from absl import flags  # noqa: E402
 from ctrl_jax.baselines import studies  # noqa: E402
 from ctrl_jax.launch import common  # noqa: E402
 
+flags.adopt_module_key_flags(common)  # --config and --workdir in --help
+
 _STUDY = flags.DEFINE_enum("study", None, list(studies.STUDIES), "Which study to run.")
 flags.mark_flag_as_required("study")
 

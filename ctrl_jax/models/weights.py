@@ -84,9 +84,15 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
   out = {}
   # framework="flax" reads bf16 too (numpy has no bfloat16); arrays are converted to float32.
-  with safe_open(path, framework="flax") as f:
-    for key in f.keys():
-      out[key] = np.asarray(f.get_tensor(key), np.float32)
+  try:
+    with safe_open(path, framework="flax") as f:
+      for key in f.keys():
+        out[key] = np.asarray(f.get_tensor(key), np.float32)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (safetensors' own error types)
+    raise ValueError(f"{path!r} is not a readable safetensors file ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}).") from e
   return out
 
 

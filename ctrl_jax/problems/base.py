@@ -55,6 +55,8 @@ class ProblemHooks:
     evaluate: `evaluate(config, workdir, problem, params) -> metrics`: writes DIR/eval/.
     export: `export(config, workdir, out, problem, params, step, lora_only) -> dict`: writes a
       PyTorch diffusers folder into the empty folder `out`.
+    validate: `validate(config)`: checks the problem's own fields (and paths) before any work;
+      raises ValueError / FileNotFoundError naming the field.
     required_stages: stage folders of DIR whose `info.json` must exist before an export or an
       evaluation (otherwise `build` would run them, e.g. pre-train, instead of failing fast).
   """
@@ -64,6 +66,7 @@ class ProblemHooks:
   fit_classifier: Optional[Callable[[Config, str], Any]] = None
   evaluate: Optional[Callable[..., dict]] = None
   export: Optional[Callable[..., dict]] = None
+  validate: Optional[Callable[[Config], None]] = None
   required_stages: tuple[str, ...] = ()
 
 

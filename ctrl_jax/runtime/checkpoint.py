@@ -1,8 +1,14 @@
 """Orbax checkpoints of the train state (restored against an abstract target, so optax state
-comes back as the right types and shardings)."""
+comes back as the right types and shardings), with a fallback past a checkpoint that does not
+restore."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -16,11 +22,19 @@ class Checkpointer:
     if "://" not in directory:
       directory = os.path.abspath(directory)
     self.directory = directory
-    self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    self._max_to_keep = max_to_keep
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, force: bool = False) -> None:
     """Saves asynchronously; `wait()` (or the next save / close) finishes the write."""
@@ -34,6 +48,38 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_latest(self, target: Any) -> tuple[Any, int]:
+    """(state, step) of the newest checkpoint that restores.
+
+    A checkpoint that fails to restore (truncated or corrupt files) is reported on stderr,
+    moved aside to `<directory>_broken/<step>-<time>` (never deleted) and the previous one is
+    tried. Raises FileNotFoundError when none is left.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(target, step), step
+      except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)
+        moved = self._move_aside(step)
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"[checkpoint] warning: {self.directory}/{step} does not restore "
+              f"({type(e).__name__}: {reason}); moved to {moved}; trying the previous one.",
+              file=sys.stderr, flush=True)
+    raise FileNotFoundError(f"no checkpoint in {self.directory} restores")
+
+  def _move_aside(self, step: int) -> str:
+    dest = os.path.join(self.directory + "_broken", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    self._manager.close()
+    self._manager = self._open()
+    return dest
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every process has reached the preemption sync point (multi-process runs on a
+    platform that delivers preemption notices, e.g. Cloud TPU)."""
+    return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -50,12 +96,30 @@ def latest_step(directory: str) -> Optional[int]:
     if not os.path.isdir(directory):
       return None
     directory = os.path.abspath(directory)
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  with _silent_absl():  # a read-only manager warns that it is read-only, on every resume
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+      return manager.latest_step()
+    finally:
+      manager.close()
+
+
+class _DropAll(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def _silent_absl():
+  """No absl log records (orbax's channel) inside the block."""
+  logger, drop = logging.getLogger("absl"), _DropAll()
+  logger.addFilter(drop)
   try:
-    return manager.latest_step()
+    yield
   finally:
-    manager.close()
+    logger.removeFilter(drop)
 
 
 def save_tree(path: str, tree: Any) -> None:

@@ -56,8 +56,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str, problem: b
   if lora_only:
     info["lora_format"] = diffusers_export.LORA_DOC
   weights.write_json(os.path.join(out, "ctrl_labels.json"), info)
-  print(f"[export] CTRL step {step} → {out} ({'LoRA only' if lora_only else 'merged UNet'})",
-        flush=True)
   return {"out": out, "step": step, "files": files, "labels": info}
 
 

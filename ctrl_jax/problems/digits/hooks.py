@@ -11,5 +11,6 @@ HOOKS = base.ProblemHooks(
     fit_classifier=stages.ensure_classifiers,
     evaluate=evaluation.evaluate,
     export=export.export,
+    validate=stages.validate,
     required_stages=("pretrain", "classifier"),
 )

@@ -39,6 +39,33 @@ from ctrl_jax.runtime import stage
 _ADDED_FIELDS = {"use_digit": False}
 
 
+def _check(name: str, value: Any, expected: str, ok: bool) -> None:
+  if not ok:
+    raise ValueError(f"config.{name}={value!r}: expected {expected}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The digits fields of `config` (task, pre-training, classifier, evaluation), before any
+  work; raises ValueError naming the first bad field."""
+  _check("task", config.task, f"one of {digits_data.TASKS}", config.task in digits_data.TASKS)
+  p, k, e = config.pretrain, config.classifier, config.eval
+  _check("pretrain.beta_schedule", p.beta_schedule, f"one of {schedules.BETA_SCHEDULES}",
+         p.beta_schedule in schedules.BETA_SCHEDULES)
+  for name, value in (("pretrain.num_steps", p.num_steps), ("pretrain.batch_size", p.batch_size),
+                      ("pretrain.log_every", p.log_every),
+                      ("pretrain.checkpoint_every", p.checkpoint_every),
+                      ("classifier.steps", k.steps), ("eval.samples_per_cell", e.samples_per_cell),
+                      ("eval.batch_size", e.batch_size), ("eval.grid_samples", e.grid_samples)):
+    _check(name, value, "an integer ≥ 1", isinstance(value, int) and value >= 1)
+  _check("classifier.num_labels", k.num_labels,
+         f"an integer in [2, {digits_data.NUM_TRAIN}] (pairs from the train split)",
+         isinstance(k.num_labels, int) and 2 <= k.num_labels <= digits_data.NUM_TRAIN)
+  _check("classifier.calib_fraction", k.calib_fraction, "a fraction in (0, 1)",
+         0 < k.calib_fraction < 1)
+  _check("eval.grid_samples", e.grid_samples, "≤ eval.samples_per_cell",
+         e.grid_samples <= e.samples_per_cell)
+
+
 # ----------------------------------------------------------------------------- pre-training
 
 

@@ -9,4 +9,5 @@ HOOKS = base.ProblemHooks(
     fit_classifier=stages.ensure_classifiers,
     evaluate=evaluation.evaluate,
     export=export.export,
+    validate=stages.validate,
 )

@@ -48,6 +48,40 @@ def activation_dtype(config: ml_collections.ConfigDict):
   return DTYPES[config.activation_dtype]
 
 
+def _looks_local(path: str) -> bool:
+  """A filesystem path rather than a hub id ("org/name")."""
+  return path.startswith(("/", ".", "~")) or os.path.exists(path) or path.count("/") > 1
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The SD fields of `config` (task, dtype, prompts, the weight and data paths it names),
+  before any work; raises ValueError / FileNotFoundError naming the first bad field."""
+  label_space(config.task)
+  activation_dtype(config)
+  if not config.prompts or not all(isinstance(p, str) for p in config.prompts):
+    raise ValueError(f"config.prompts={config.prompts!r}: expected a non-empty tuple of strings.")
+  model = config.pretrained_model
+  if model != "tiny" and _looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+    raise FileNotFoundError(f"config.pretrained_model={model!r} is not a folder (a local "
+                            "diffusers folder, or a hub id such as "
+                            "'stable-diffusion-v1-5/stable-diffusion-v1-5').")
+  k = config.classifier
+  if "aesthetic" in TASKS[config.task][0] and k.clip_model != "tiny":
+    if not os.path.isfile(os.path.expanduser(k.laion_weights)):
+      raise FileNotFoundError(
+          f"config.classifier.laion_weights={k.laion_weights!r} is not a file; download "
+          "`sac+logos+ava1-l14-linearMSE.pth` (LAION improved-aesthetic-predictor) and give its "
+          "path (or a safetensors copy).")
+  for name in ("aesthetic_data", "compress_data"):
+    path = k.get(name, "")
+    if path and not os.path.exists(os.path.expanduser(path)):
+      raise FileNotFoundError(f"config.classifier.{name}={path!r} does not exist.")
+  for name in ("samples_per_class", "batch_size", "grid_samples"):
+    value = config.eval[name]
+    if not (isinstance(value, int) and value >= 1):
+      raise ValueError(f"config.eval.{name}={value!r}: expected an integer ≥ 1.")
+
+
 def pretrained_folder(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The diffusers folder (or hub id) of the pre-trained model; "tiny" → DIR/tiny_sd."""
   if config.pretrained_model == "tiny":
