@@ -215,9 +215,21 @@ def torch_lib() -> types.SimpleNamespace:
         self.num_geglu = tanh_geglu(self.policy) + tanh_geglu(self.reference)
       elif geglu != "exact":
         raise ValueError(f"geglu={geglu!r}; expected 'tanh' or 'exact'.")
-      self.policy_fn, self.reference_fn = self.policy, self.reference
+      def policy_call(x, t, ctx, labels):
+        return self.policy(x, t, encoder_hidden_states=ctx, class_labels=labels)[0]
+
+      def reference_call(x, t, ctx):
+        return self.reference(x, t, encoder_hidden_states=ctx)[0]
+
+      self.policy_fn, self.reference_fn = policy_call, reference_call
       if compile_unets:
-        self.policy_fn, self.reference_fn = torch.compile(self.policy), torch.compile(self.reference)
+        # One compiled function per call site (each has its own guard cache: grad mode on/off,
+        # input requiring grad or not); compiling the two modules directly shares one cache of
+        # UNet2DConditionModel.forward between their different keyword sets, which exceeds
+        # dynamo's recompile limit and recompiles in every update.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # pylint: disable=protected-access
+        self.policy_fn = torch.compile(policy_call)
+        self.reference_fn = torch.compile(reference_call)
 
       self.spec = spec
       self.num_labels = k
@@ -274,17 +286,14 @@ def torch_lib() -> types.SimpleNamespace:
 
       def policy_eps(x, t):
         if not self.use_cfg:
-          return self.policy_fn(x, t, encoder_hidden_states=ctx, class_labels=labels)[0]
-        e = self.policy_fn(torch.cat([x, x]), t, encoder_hidden_states=ctx2,
-                           class_labels=labels2)[0]
-        e_unc, e_c = e.chunk(2)
+          return self.policy_fn(x, t, ctx, labels)
+        e_unc, e_c = self.policy_fn(torch.cat([x, x]), t, ctx2, labels2).chunk(2)
         return e_unc + w * (e_c - e_unc)
 
       def reference_eps(x, t):
         if not self.use_cfg:
-          return self.reference_fn(x, t, encoder_hidden_states=ctx)[0]
-        e = self.reference_fn(torch.cat([x, x]), t, encoder_hidden_states=ctx2)[0]
-        e_unc, e_c = e.chunk(2)
+          return self.reference_fn(x, t, ctx)
+        e_unc, e_c = self.reference_fn(torch.cat([x, x]), t, ctx2).chunk(2)
         return e_unc + w * (e_c - e_unc)
 
       return policy_eps, reference_eps
@@ -408,6 +417,39 @@ def torch_lib() -> types.SimpleNamespace:
 
     def params(self) -> dict:
       return {n: p.detach().numpy().copy() for n, p in self.trainable.items()}
+
+    def time_calls(self, batch: dict, x: np.ndarray, probe: np.ndarray, t: int,
+                   repeats: int) -> dict:
+      """Median seconds of one CFG call of each model on micro-batch 0 at timestep t: forward
+      (no graph), and forward + backward of sum(ε · probe) w.r.t. x (and, for the fine-tuned
+      model, the trainable tensors) — what a differentiated step costs under checkpointing."""
+      prompt = torch.as_tensor(np.asarray(batch["prompt"][0]), dtype=torch.long)
+      labels = self.encode_labels(torch.as_tensor(np.asarray(batch["y"][0]), dtype=torch.long))
+      policy_eps, reference_eps = self.eps_functions(prompt, labels)
+      tt = torch.tensor(t, dtype=torch.long)
+      probe_t = torch.from_numpy(probe)
+
+      def fwd(fn):
+        with torch.no_grad():
+          fn(torch.from_numpy(x), tt)
+
+      def fwd_bwd(fn):
+        xx = torch.from_numpy(x).requires_grad_(True)
+        (fn(xx, tt) * probe_t).sum().backward()
+
+      out = {}
+      for name, fn in (("policy", policy_eps), ("reference", reference_eps)):
+        for kind, run in (("forward", fwd), ("forward_backward", fwd_bwd)):
+          run(fn)  # warm-up
+          ts = []
+          for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(fn)
+            ts.append(time.perf_counter() - t0)
+          out[f"{name}_{kind}_s"] = statistics.median(ts)
+      for p in self.trainable.values():
+        p.grad = None
+      return out
 
   return types.SimpleNamespace(
       torch=torch, LoRALinear=LoRALinear, TorchCtrl=TorchCtrl, add_lora=add_lora,
@@ -724,12 +766,50 @@ def jax_phases(setup, frozen, params, opt, batch, key, repeats) -> dict:
   f_s, _, _ = timed(forward, params)
   g_s, _, g = timed(grads, params)
   o_s, _, _ = timed(opt_step, params, opt.init(params), g)
-  return {"forward_s": f_s, "forward_backward_s": g_s, "backward_s": g_s - f_s,
-          "optimizer_s": o_s, "note": "micro-batches unrolled in Python (the train step scans "
-                                      "them); each phase compiled separately"}
+  out = {"forward_s": f_s, "forward_backward_s": g_s, "backward_s": g_s - f_s,
+         "optimizer_s": o_s}
+  out.update(jax_calls(setup, frozen, params, batch, repeats, timed))
+  return out
 
 
-def worker_torch(problem: str, updates: int, spec_path: str, compile_unets: bool) -> dict:
+def jax_calls(setup, frozen, params, batch, repeats, timed) -> dict:
+  """JAX side of `TorchCtrl.time_calls`: one CFG call of each model, forward and forward +
+  gradient of sum(ε · probe) w.r.t. x (and the trainable tree, for the fine-tuned model)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import train  # pylint: disable=g-import-not-at-top
+
+  x, probe, t = per_call_arrays(setup, batch)
+  mb = {k: jnp.asarray(v[0]) for k, v in batch.items()}
+  pol, ref = train.eps_functions(setup, frozen, mb["prompt"], setup.label_space.encode(mb["y"]))
+  fns = {
+      "policy_forward": (lambda p, u, x: pol(p, x, t), params),
+      "policy_forward_backward": (jax.grad(lambda p, u, x: jnp.sum(pol(p, x, t) * probe),
+                                           argnums=(0, 2)), params),
+      "reference_forward": (lambda p, u, x: ref(u, x, t), params),
+      "reference_forward_backward": (jax.grad(lambda p, u, x: jnp.sum(ref(u, x, t) * probe),
+                                              argnums=2), params)}
+  return {f"{name}_s": timed(fn, p, frozen["unet"], jnp.asarray(x))[0]
+          for name, (fn, p) in fns.items()}
+
+
+def per_call_arrays(setup_or_spec, batch) -> tuple[np.ndarray, np.ndarray, int]:
+  """x and probe [b, C, H, W] (fixed seed) and the middle DDIM timestep, for per-call timings."""
+  if isinstance(setup_or_spec, dict):
+    shape, n = tuple(setup_or_spec["latent_shape"]), int(setup_or_spec["num_inference_steps"])
+  else:
+    shape, n = tuple(setup_or_spec.latent_shape), len(setup_or_spec.timesteps)
+  b = np.asarray(batch["prompt"]).shape[1]
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((b,) + shape).astype(np.float32)
+  probe = rng.standard_normal((b,) + shape).astype(np.float32)
+  ratio = 1000 // n
+  t = int((n - 1 - n // 2) * ratio + 1)  # timesteps[n // 2] of the leading spacing, offset 1
+  return x, probe, t
+
+
+def worker_torch(problem: str, updates: int, spec_path: str, compile_unets: bool,
+                 phases: bool = False) -> dict:
   t_start = time.perf_counter()
   lib = torch_lib()
   torch = lib.torch
@@ -755,6 +835,9 @@ def worker_torch(problem: str, updates: int, spec_path: str, compile_unets: bool
              metrics={k: v for k, v in first.items() if k != "phases"},
              grad_steps=float(np.mean([np.sum(m) for m in data["draws"]["mask"]])),
              phases=med, torch=torch.__version__, threads=torch.get_num_threads())
+  if phases:
+    x, probe, t = per_call_arrays(data["spec"], data["batch"])
+    out["phases"].update(model.time_calls(data["batch"], x, probe, t, max(updates, 3)))
   out["peak_rss_mib"] = _rss_mib()
   return out, first_params
 
@@ -773,6 +856,27 @@ def _worker_env(hugepages: bool) -> dict:
   return env
 
 
+def _cpu_busy_s() -> float:
+  """CPU-seconds the whole machine has been busy since boot (/proc/stat, all cores)."""
+  with open("/proc/stat") as f:
+    v = [int(x) for x in f.readline().split()[1:9]]
+  return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_quiet(max_wait_s: float, threshold: float = 0.15) -> tuple[float, float]:
+  """Waits (≤ max_wait_s) until the machine is idle: less than `threshold` of all cores busy
+  over 3 s. Both paths run 2 threads on 2 cores, and PyTorch's OpenMP threads in particular
+  slow down many-fold when a core is taken. Returns (busy fraction at start, seconds waited)."""
+  t0 = time.perf_counter()
+  while True:
+    b0 = _cpu_busy_s()
+    time.sleep(3.0)
+    busy = (_cpu_busy_s() - b0) / 3.0 / os.cpu_count()
+    waited = time.perf_counter() - t0
+    if busy < threshold or waited >= max_wait_s:
+      return busy, waited
+
+
 def _run_worker(path: str, problem: str, args, tmp: str, env: dict,
                 timeout: Optional[float]) -> dict:
   result_path = os.path.join(tmp, f"{problem}_{path}.pkl")
@@ -781,18 +885,32 @@ def _run_worker(path: str, problem: str, args, tmp: str, env: dict,
          "--_result", result_path] + (["--phases"] if args.phases else [])
   if path != "jax":  # diffusers then imports no Flax (hence no JAX) into the PyTorch worker
     env = dict(env, USE_FLAX="0")
+  if path == "torch_compile":  # a fresh inductor cache: the warm-up is a cold compile
+    env = dict(env, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, f"inductor_{problem}"))
+  busy_at_start, waited = _wait_quiet(args.max_wait)
+  load_before = os.getloadavg()
+  cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+  machine0 = _cpu_busy_s()
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
   except subprocess.TimeoutExpired:
     return {"path": path, "error": f"timed out after {timeout:.0f} s"}
   wall = time.perf_counter() - t0
+  cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+  # CPU the rest of the machine used meanwhile, as a fraction of the worker's wall time × cores.
+  others = max(_cpu_busy_s() - machine0 - cpu_s, 0.0) / wall / os.cpu_count()
   if proc.returncode != 0 or not os.path.exists(result_path):
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
     return {"path": path, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
   with open(result_path, "rb") as f:
     out, first_params = pickle.load(f)
   out["process_wall_s"] = wall
+  out["process_cpu_s"] = cpu_s
+  out["loadavg_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
+  out["machine"] = {"busy_fraction_at_start": busy_at_start, "waited_for_idle_s": waited,
+                    "others_cpu_fraction_during": others}
   out["first_params"] = first_params
   return out
 
@@ -816,10 +934,12 @@ def main():
   ap.add_argument("--only", choices=PROBLEMS, default=None, help="one problem (default: both)")
   ap.add_argument("--updates", type=int, default=3, help="timed updates after the warm-up")
   ap.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
-  ap.add_argument("--compile_timeout", type=float, default=360.0,
+  ap.add_argument("--compile_timeout", type=float, default=300.0,
                   help="seconds before the torch.compile worker counts as failed")
   ap.add_argument("--phases", action="store_true",
                   help="also time forward / backward / optimiser separately on the JAX side")
+  ap.add_argument("--max_wait", type=float, default=600.0,
+                  help="seconds to wait for an idle machine before each worker")
   ap.add_argument("--no_hugepages", action="store_true",
                   help="workers without glibc.malloc.hugetlb=1")
   ap.add_argument("--out", default=os.path.join("bench", "results", "torch_reference.json"))
@@ -833,7 +953,8 @@ def main():
       res = worker_jax(args.only, args.updates, args._spec, args.phases)  # pylint: disable=protected-access
     else:
       res = worker_torch(args.only, args.updates, args._spec,  # pylint: disable=protected-access
-                         compile_unets=args._worker == "torch_compile")  # pylint: disable=protected-access
+                         compile_unets=args._worker == "torch_compile",  # pylint: disable=protected-access
+                         phases=args.phases)
     with open(args._result, "wb") as f:  # pylint: disable=protected-access
       pickle.dump(res, f)
     return
@@ -877,12 +998,13 @@ def main():
       results[problem] = {"describe": describe, "paths": rows}
 
   head = ("problem", "path", "s / update (median)", "JAX / this", "warm-up s (compile)",
-          "peak RSS MiB", "G (grad steps)", "first-update Δ vs JAX (loss, params)")
+          "peak RSS MiB", "G (grad steps)", "first-update Δ vs JAX (loss, params)",
+          "others' CPU")
   table = []
   for problem, res in results.items():
     for path, row in res["paths"].items():
       if "error" in row:
-        table.append([problem, path, "failed: " + row["error"][:80], "", "", "", "", ""])
+        table.append([problem, path, "failed: " + row["error"][:80], "", "", "", "", "", ""])
         continue
       comp = (f"{row['warmup_s']:.1f} ({row['lower_s'] + row['compile_s']:.1f})"
               if path == "jax" else f"{row['warmup_s']:.1f}")
@@ -891,7 +1013,8 @@ def main():
                  f"{agree['loss']:.1e}, {agree['params_after_first_update']:.1e}")
       table.append([problem, path, f"{row['median_s']:.3f}",
                     f"{row['ratio_jax_over_this']:.2f}", comp, f"{row['peak_rss_mib']:.0f}",
-                    f"{row['grad_steps']:.1f}", agree_s])
+                    f"{row['grad_steps']:.1f}", agree_s,
+                    f"{row['machine']['others_cpu_fraction_during']:.0%}"])
   report.print_table(head, table)
   for problem, res in results.items():
     print(f"{problem}: {res['describe']}")

@@ -209,6 +209,27 @@ def test_lora_only_export_cli(quick_run, tmp_path):
     assert json.load(f)["lora_only"] is True
   for r, _, fs in os.walk(dest):
     assert not [f for f in fs if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+  # A non-empty --out is refused (one line, nothing touched) unless --overwrite, which replaces
+  # only what an export writes: the user's own file survives.
+  (dest / "my_notes.txt").write_text("mine")
+  labels_before = (dest / "ctrl_labels.json").read_text()
+  export_cmd = [sys.executable, "-m", "ctrl_jax.launch.export",
+                "--config=" + os.path.join(REPO, "configs", "digits.py:quick"),
+                f"--workdir={workdir}", f"--out={dest}"]
+  refused = subprocess.run(export_cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr
+  assert "is not empty; pass --overwrite" in refused.stderr
+  assert (dest / "ctrl_labels.json").read_text() == labels_before
+  replaced = subprocess.run(export_cmd + ["--overwrite"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+  assert replaced.returncode == 0, replaced.stderr[-3000:]
+  assert (dest / "my_notes.txt").read_text() == "mine"
+  with open(dest / "ctrl_labels.json") as f:
+    assert json.load(f)["lora_only"] is False  # the merged export replaced the LoRA-only one
+  with open(dest / "unet" / "config.json") as f:
+    assert json.load(f)["num_class_embeds"] == 4
+  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no temporary folder left
   bad = subprocess.run(
       [sys.executable, "-m", "ctrl_jax.launch.export",
        "--config=" + os.path.join(REPO, "configs", "digits.py:quick"),

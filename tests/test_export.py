@@ -18,7 +18,7 @@ import transformers  # noqa: E402
 from diffusers.models import activations as torch_activations  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from ctrl_jax import export  # noqa: E402
+from ctrl_jax.models import diffusers_export  # noqa: E402
 from ctrl_jax.models import augmented  # noqa: E402
 from ctrl_jax.models import convert  # noqa: E402
 from ctrl_jax.models import sd as sd_lib  # noqa: E402
@@ -115,7 +115,7 @@ def _torch_unet_out(unet, x, t, ctx, labels):
 
 def test_unet_export_with_label_embedding_and_merged_lora(tmp_path):
   model, params, ctrl = _ctrl_unet()
-  export.export_unet(str(tmp_path / "unet"), model, params, ctrl)
+  diffusers_export.export_unet(str(tmp_path / "unet"), model, params, ctrl)
   assert sorted(os.listdir(tmp_path / "unet")) == ["config.json",
                                                    "diffusion_pytorch_model.safetensors"]
   tu = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "unet")).eval()
@@ -138,9 +138,9 @@ def test_unet_export_with_label_embedding_and_merged_lora(tmp_path):
 
 def test_lora_only_export_applied_in_pytorch_equals_merged(tmp_path):
   model, params, ctrl = _ctrl_unet(seed=5)
-  export.export_unet(str(tmp_path / "base"), model, params, None)
-  export.export_lora(str(tmp_path / "ctrl_lora.safetensors"), model, ctrl)
-  export.export_unet(str(tmp_path / "merged"), model, params, ctrl)
+  diffusers_export.export_unet(str(tmp_path / "base"), model, params, None)
+  diffusers_export.export_lora(str(tmp_path / "ctrl_lora.safetensors"), model, ctrl)
+  diffusers_export.export_unet(str(tmp_path / "merged"), model, params, ctrl)
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   with safe_open(str(tmp_path / "ctrl_lora.safetensors"), framework="numpy") as f:
     keys, meta = list(f.keys()), f.metadata()
@@ -161,7 +161,7 @@ def test_export_refuses_a_trained_null_row(tmp_path):
   model, params, ctrl = _ctrl_unet()
   ctrl["label_embedding"][model.null_label] = 0.5
   with pytest.raises(ValueError, match="NULL row 3"):
-    export.export_unet(str(tmp_path / "unet"), model, params, ctrl)
+    diffusers_export.export_unet(str(tmp_path / "unet"), model, params, ctrl)
 
 
 def _flax_vae(seed=0):
@@ -299,10 +299,10 @@ def test_sd_export_folder_runs_in_the_stock_pytorch_pipeline(tmp_path):
   tok_dir = str(tmp_path / "tok")
   _write_tokenizer(tok_dir)
   out = str(tmp_path / "sd")
-  export.export_unet(os.path.join(out, "unet"), model, params, ctrl)
-  export.export_sd_components(
+  diffusers_export.export_unet(os.path.join(out, "unet"), model, params, ctrl)
+  diffusers_export.export_sd_components(
       out, vae=vae, vae_params=vp, text_encoder=te, text_encoder_params=tp,
-      tokenizer_dir=tok_dir, scheduler_config=export.ddim_scheduler_config(
+      tokenizer_dir=tok_dir, scheduler_config=diffusers_export.ddim_scheduler_config(
           beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, eta=1.0))
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(out)
   assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)

@@ -3,6 +3,7 @@ work (no traceback), a workdir lock, SIGTERM → checkpoint → resume to the un
 and a --help that documents the flags, config overrides and environment variables."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,21 +41,66 @@ def _assert_one_line_error(out, *expected):
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.eta=3.0", "config.eta=3.0: expected a DDIM η in [0, 1]"),
-    ("--config.guidance_scale=-7.5", "config.guidance_scale=-7.5"),
     ("--config.remat_policy=nothing_savable", "config.remat_policy='nothing_savable'"),
-    ("--config.log_every=0", "config.log_every=0"),
-    ("--config.num_updates=0", "config.num_updates=0"),
     ("--config.lr_schedul=cosine", "'lr_schedul', which is not a field of the config"),
     ("--config.num_updates=abc", "--config.num_updates=abc"),
-    ("--config.kl_convention=offical", "config.kl_convention='offical'"),
-    ("--config.truncation=randm", "config.truncation='randm'"),
 ])
 def test_bad_config_values_fail_in_one_line_before_any_work(tmp_path, override, expected):
+  """The CLI form: exit 1, one line naming the field, no traceback, nothing written (a bad
+  value is caught by validation, a missing field or a bad type while parsing the flags)."""
   workdir = tmp_path / "run"
   out = _launch("finetune", SMOKE, f"--workdir={workdir}", override)
   _assert_one_line_error(out, expected)
   # nothing trained, nothing logged (flag errors stop before the workdir is even created)
   assert not os.path.exists(workdir) or sorted(os.listdir(workdir)) == [".lock"]
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("eta", 3.0, "a DDIM η in [0, 1]"),
+    ("guidance_scale", -7.5, "a CFG scale ≥ 0"),
+    ("gamma", float("nan"), "a reward weight γ ≥ 0"),
+    ("remat_policy", "nothing_savable", "'' (off) or one of"),
+    ("log_every", 0, "an integer ≥ 1"),
+    ("num_updates", 0, "an integer ≥ 1"),
+    ("kl_convention", "offical", "one of ('official', 'exact')"),
+    ("truncation", "randm", "one of ('none', 'random', 'last_k')"),
+    ("truncation_k", 7, "an integer in [1, num_inference_steps]"),
+    ("lr_lora", -1e-3, "a number ≥ 0"),
+    ("grad_clip_norm", 0.0, "a number > 0"),
+    ("lora_rank", -1, "an integer ≥ 0"),
+    ("problem", "tiny2", "one of ['digits', 'sd', 'tiny']"),
+])
+def test_validation_names_the_field_its_value_and_what_is_expected(field, value, expected):
+  config = smoke.get_config()
+  config[field] = value
+  with pytest.raises(ValueError) as e:
+    experiment.validate_config(config)
+  assert str(e.value).startswith(f"config.{field}={value!r}: expected {expected}")
+
+
+@pytest.mark.parametrize("config_file,field,value,expected", [
+    ("digits.py", "task", "inks", "config.task='inks'"),
+    ("digits.py", "classifier.num_labels", 5000, "config.classifier.num_labels=5000"),
+    ("digits.py", "eval.grid_samples", 99, "config.eval.grid_samples=99"),
+    ("aesthetic.py", "pretrained_model", "/no/such/sd15", "is not a folder"),
+    ("aesthetic.py", "classifier.laion_weights", "/no/such.pth", "is not a file"),
+    ("compressibility.py", "classifier.compress_data", "/no/images", "does not exist"),
+    ("compressibility.py", "activation_dtype", "float16", "config.activation_dtype='float16'"),
+])
+def test_problem_fields_and_paths_are_validated_before_any_work(config_file, field, value,
+                                                                expected):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(config_file[:-3]).get_config()
+  if config.problem == "sd":
+    config.pretrained_model = os.path.join(REPO, "configs")  # an existing folder
+    config.classifier.laion_weights = os.path.join(REPO, "setup.py")  # an existing file
+  *parents, leaf = field.split(".")
+  target = config
+  for part in parents:
+    target = target[part]
+  target[leaf] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=re.escape(expected)):
+    experiment.validate_config(config)
 
 
 def test_a_typo_in_eval_method_fails_before_pre_training(tmp_path):
@@ -80,7 +126,8 @@ def test_help_lists_flags_config_overrides_and_environment():
                  "CTRL_JAX_COMPILE_CACHE", "CTRL_JAX_HUGEPAGES", "CTRL_JAX_DISTRIBUTED",
                  "Exit status"):
     assert needle in text, needle
-  assert "--overwrite" in (_launch("export", "--help").stdout + _launch("export", "--help").stderr)
+  export_help = _launch("export", "--help")
+  assert "--overwrite" in export_help.stdout + export_help.stderr
 
 
 def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path):
@@ -111,7 +158,7 @@ def _final_params(workdir, config):
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_run_ends(
     tmp_path):
-  args = [SMOKE, "--config.num_updates=24", "--config.checkpoint_every=100",
+  args = [SMOKE, "--config.num_updates=12", "--config.checkpoint_every=100",
           "--config.log_every=1"]
   straight = _launch("finetune", *args, f"--workdir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr[-3000:]
@@ -121,24 +168,24 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_where_an_uninterrupted_ru
                            f"--workdir={workdir}"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:
-    if line.startswith("[finetune] 3/24"):
+    if line.startswith("[finetune] 3/12"):
       proc.send_signal(signal.SIGTERM)
       break
   rest, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert "SIGTERM: stopped after update" in rest
   saved = sorted(int(d) for d in os.listdir(workdir / "finetune" / "ckpt") if d.isdigit())
-  assert len(saved) == 1 and 3 <= saved[0] < 24  # checkpoint_every=100: only the preemption's
+  assert len(saved) == 1 and 3 <= saved[0] < 12  # checkpoint_every=100: only the preemption's
 
   resumed = _launch("finetune", *args, f"--workdir={workdir}")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from {workdir}/finetune/ckpt/{saved[0]}" in resumed.stdout
 
   config = smoke.get_config()
-  config.num_updates = 24
+  config.num_updates = 12
   a, step_a = _final_params(str(tmp_path / "straight"), config)
   b, step_b = _final_params(str(workdir), config)
-  assert step_a == step_b == 24
+  assert step_a == step_b == 12
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   rows = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(d / "finetune.jsonl"))}  # noqa: E731
