@@ -97,6 +97,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.log_every = 5               # scalars every n updates
   c.checkpoint_every = 20       # orbax checkpoint every n updates
   c.max_checkpoints = 2         # checkpoints kept
+  c.max_consecutive_skips = 5   # stop after this many non-finite updates in a row (none applied)
 
   # Stage 4: evaluation (ctrl_jax.problems.digits.evaluation).
   e = c.eval = ml_collections.ConfigDict()

@@ -39,6 +39,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.truncation_k = 1            # K for truncation "last_k"
   c.remat_policy = "nothing_saveable"  # jax.checkpoint per UNet call
   c.reference_grad = True       # differentiate through the reference model's input (official)
+  c.reference_grad_from = 0     # ... from this update on (0 = every update, official)
 
   # Model and optimiser (§7): AdamW β 0.9/0.999, wd 0.1, clip 5, no schedule.
   c.lora_rank = 4               # LoRA rank on attention q/k/v/out
@@ -54,6 +55,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.log_every = 1               # scalars every n updates
   c.checkpoint_every = 1        # orbax checkpoint every n updates (an update is minutes)
   c.max_checkpoints = 60        # keep all: the best checkpoint is chosen afterwards (§7)
+  c.max_consecutive_skips = 5   # stop after this many non-finite updates in a row (none applied)
 
   # Stage: reward classifiers p̂(y | x) (§6); `python -m ctrl_jax.launch.fit_classifier`.
   k = c.classifier = ml_collections.ConfigDict()

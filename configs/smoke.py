@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.truncation_k = 2            # K for "last_k"
   c.remat_policy = "nothing_saveable"  # jax.checkpoint policy per model call ("" = off)
   c.reference_grad = True       # also differentiate through the reference model's input
+  c.reference_grad_from = 0     # ... from this update on (0 = every update)
   # Model and optimiser.
   c.lora_rank = 4               # LoRA rank on attention q/k/v/out (0 = embedding only)
   c.lr_lora = 1e-3              # AdamW lr of LoRA
@@ -41,4 +42,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 2               # log scalars every n updates
   c.checkpoint_every = 5        # orbax checkpoint every n updates
   c.max_checkpoints = 3         # checkpoints kept
+  c.max_consecutive_skips = 5   # stop after this many non-finite updates in a row (none applied)
   return c

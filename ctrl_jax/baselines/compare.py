@@ -305,7 +305,7 @@ def validate_eval_method(config: ml_collections.ConfigDict) -> None:
   if method == "ctrl":
     return
   if config.problem != "digits" or method not in ALL_METHODS or method == "pretrained":
-    allowed = ["ctrl"] + ([m for m in ALL_METHODS if m != "pretrained"]
+    allowed = ["ctrl"] + ([m for m in ALL_METHODS if m not in ("pretrained", "ctrl")]
                           if config.problem == "digits" else [])
     raise ValueError(f"config.eval.method={method!r}: expected one of {allowed}.")
 

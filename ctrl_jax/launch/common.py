@@ -115,9 +115,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:
     if verbose:
       raise
-    field = str(e).strip("\"'")
-    _fail(f"a --config override names {field!r}, which is not a field of the config (see "
-          "the config file for its fields).")
+    # ml_collections' message: "'name'" and, sometimes, a line "Did you mean …?"
+    lines = str(e).replace("\\n", "\n").split("\n")
+    field = lines[0].strip("\"'\\ ")
+    hint = " " + lines[1].strip("\"'\\ ") if len(lines) > 1 else ""
+    _fail(f"a --config override names {field!r}, which is not a field of the config.{hint}")
   except Exception as e:  # pylint: disable=broad-except  (a config file that does not load)
     if verbose:
       raise
