@@ -22,7 +22,7 @@ What this file holds:
   * The speed benchmark: one update of (a) the digits `ink` step (configs/digits.py, random
     weights: 16 trajectories, 10 DDIM steps, CFG, random truncation, remat) and (b) an
     SD-shaped UNet (block_out (128, 128), 32×32×4 latents, 77-token contexts of width 64,
-    20 steps, 2 micro-batches of 2), each path in its own subprocess (peak RSS is per path):
+    20 steps, one micro-batch of 2), each path in its own subprocess (peak RSS is per path):
     ctrl_jax's jitted `train.make_train_step`, PyTorch eager with checkpointing, and
     PyTorch with `torch.compile` on both UNets (a failure is reported, not fatal).
 
@@ -60,7 +60,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PROBLEMS = ("digits", "sd")
-PATHS = ("jax", "torch", "torch_compile")
+PATHS = ("jax", "jax_unrolled", "torch", "torch_compile")
 LOG_EPS = 1e-6  # the official code's log(p + 1e-6)
 
 
@@ -619,7 +619,7 @@ SD_UNET = dict(sample_size=32, in_channels=4, block_out_channels=(128, 128),
                cross_attention_dim=64, attention_head_dim=8, layers_per_block=1)
 
 
-def sd_problem(seed: int = 0, micro_batch: int = 2, num_micro: int = 2, steps: int = 20) -> dict:
+def sd_problem(seed: int = 0, micro_batch: int = 2, num_micro: int = 1, steps: int = 20) -> dict:
   """An SD-shaped CTRL step on random weights: 2-level UNet (CrossAttnDownBlock2D, DownBlock2D;
   128 channels), 32×32×4 latents, 45 prompts × 77 tokens of width 64, official SD hparams
   (γ 0.1, KL weight 0.01, CFG 7.5, η 1, official KL), a 4-class linear probe on the latents'
@@ -664,11 +664,29 @@ def _named(model, tree) -> dict:
   return diffusers_export.lora_tensors(model, tree)
 
 
-def worker_jax(problem: str, updates: int, spec_path: str, phases: bool) -> dict:
+def unroll_every_scan() -> None:
+  """Makes every `jax.lax.scan` traced from now on fully unrolled (the "jax_unrolled" row: the
+  trajectory's scans in `sampling.ctrl_trajectory`, and the train step's one-iteration
+  micro-batch scan). An experiment, not a ctrl_jax option: on XLA:CPU the backward pass of a
+  rolled scan over UNet calls runs markedly slower than the same steps unrolled."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rolled = jax.lax.scan
+
+  def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
+    del unroll
+    return rolled(f, init, xs, length=length, reverse=reverse, unroll=True, **kwargs)
+
+  jax.lax.scan = scan
+
+
+def worker_jax(problem: str, updates: int, spec_path: str, phases: bool,
+               unrolled: bool = False) -> dict:
   """Builds the problem, writes the PyTorch spec + draws to `spec_path`, then times
   `train.make_train_step` (lower, compile, first call, `updates` more calls)."""
   t_start = time.perf_counter()
   import jax  # pylint: disable=g-import-not-at-top
+  if unrolled:
+    unroll_every_scan()
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ctrl_jax.core import train  # pylint: disable=g-import-not-at-top
   from ctrl_jax.runtime import sharding as shd  # pylint: disable=g-import-not-at-top
@@ -678,12 +696,13 @@ def worker_jax(problem: str, updates: int, spec_path: str, phases: bool) -> dict
   key = jax.random.key(prob["key_seed"])
   batch = {k: np.asarray(v) for k, v in prob["batch"].items()}
   draws = jax_draws(setup, key, 0, batch)
-  spec = export_spec(setup, frozen, params, classifiers=prob["classifiers"],
-                     decode=prob["decode"], schedule=prob["schedule"],
-                     optimizer=prob["torch_optimizer"])
-  with open(spec_path, "wb") as f:
-    pickle.dump({"spec": spec, "batch": batch, "draws": draws,
-                 "describe": prob["describe"]}, f)
+  if not unrolled:
+    spec = export_spec(setup, frozen, params, classifiers=prob["classifiers"],
+                       decode=prob["decode"], schedule=prob["schedule"],
+                       optimizer=prob["torch_optimizer"])
+    with open(spec_path, "wb") as f:
+      pickle.dump({"spec": spec, "batch": batch, "draws": draws,
+                   "describe": prob["describe"]}, f)
   build_s = time.perf_counter() - t_start
 
   mesh = shd.make_mesh(jax.devices()[:1])
@@ -714,12 +733,12 @@ def worker_jax(problem: str, updates: int, spec_path: str, phases: bool) -> dict
     state, metrics = compiled(state, batch, key, frozen)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
-  out = dict(path="jax", build_s=build_s, lower_s=lower_s, compile_s=compile_s,
+  out = dict(path="jax_unrolled" if unrolled else "jax", build_s=build_s, lower_s=lower_s, compile_s=compile_s,
              warmup_s=lower_s + compile_s + first_s, first_call_s=first_s, times_s=times,
              median_s=statistics.median(times), metrics=first_metrics,
              grad_steps=float(np.sum(draws["mask"])) / len(draws["mask"]),
              jax=jax.__version__, threads=None)
-  if phases:
+  if phases and not unrolled:
     out["phases"] = jax_phases(setup, frozen, params, opt, batch, key, updates)
   out["peak_rss_mib"] = _rss_mib()
   return out, first_params
@@ -738,12 +757,12 @@ def jax_phases(setup, frozen, params, opt, batch, key, repeats) -> dict:
   def mb(m):
     return {k: v[m] for k, v in batch.items()}
 
-  def forward(p):
-    return sum(train.loss_fn(p, frozen, mb(m), jax.random.fold_in(step_key, m), setup)[0]
+  def forward(p, fz):
+    return sum(train.loss_fn(p, fz, mb(m), jax.random.fold_in(step_key, m), setup)[0]
                for m in range(num_micro))
 
-  def grads(p):
-    g = [jax.grad(lambda q, m=m: train.loss_fn(q, frozen, mb(m), jax.random.fold_in(step_key, m),
+  def grads(p, fz):
+    g = [jax.grad(lambda q, m=m: train.loss_fn(q, fz, mb(m), jax.random.fold_in(step_key, m),
                                                setup)[0])(p) for m in range(num_micro)]
     return jax.tree_util.tree_map(lambda *a: sum(a) / num_micro, *g)
 
@@ -763,8 +782,8 @@ def jax_phases(setup, frozen, params, opt, batch, key, repeats) -> dict:
       ts.append(time.perf_counter() - t0)
     return statistics.median(ts), first, out
 
-  f_s, _, _ = timed(forward, params)
-  g_s, _, g = timed(grads, params)
+  f_s, _, _ = timed(forward, params, frozen)
+  g_s, _, g = timed(grads, params, frozen)
   o_s, _, _ = timed(opt_step, params, opt.init(params), g)
   out = {"forward_s": f_s, "forward_backward_s": g_s, "backward_s": g_s - f_s,
          "optimizer_s": o_s}
@@ -822,13 +841,13 @@ def worker_torch(problem: str, updates: int, spec_path: str, compile_unets: bool
   first = model.update(data["batch"], data["draws"])
   first_s = time.perf_counter() - t0
   first_params = model.params()
-  times, phases = [], []
+  times, phase_log = [], []
   for _ in range(updates):
     t0 = time.perf_counter()
     m = model.update(data["batch"], data["draws"])
     times.append(time.perf_counter() - t0)
-    phases.append(m["phases"])
-  med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+    phase_log.append(m["phases"])
+  med = {k: statistics.median(p[k] for p in phase_log) for k in phase_log[0]}
   out = dict(path="torch_compile" if compile_unets else "torch", build_s=build_s,
              warmup_s=first_s, first_call_s=first_s, compile_s=None, times_s=times,
              median_s=statistics.median(times),
@@ -934,6 +953,8 @@ def main():
   ap.add_argument("--only", choices=PROBLEMS, default=None, help="one problem (default: both)")
   ap.add_argument("--updates", type=int, default=3, help="timed updates after the warm-up")
   ap.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
+  ap.add_argument("--unrolled", action="store_true",
+                  help="add the experimental JAX row with every scan unrolled")
   ap.add_argument("--compile_timeout", type=float, default=300.0,
                   help="seconds before the torch.compile worker counts as failed")
   ap.add_argument("--phases", action="store_true",
@@ -949,8 +970,9 @@ def main():
   args = ap.parse_args()
 
   if args._worker:  # pylint: disable=protected-access
-    if args._worker == "jax":  # pylint: disable=protected-access
-      res = worker_jax(args.only, args.updates, args._spec, args.phases)  # pylint: disable=protected-access
+    if args._worker in ("jax", "jax_unrolled"):  # pylint: disable=protected-access
+      res = worker_jax(args.only, args.updates, args._spec, args.phases,  # pylint: disable=protected-access
+                       unrolled=args._worker == "jax_unrolled")  # pylint: disable=protected-access
     else:
       res = worker_torch(args.only, args.updates, args._spec,  # pylint: disable=protected-access
                          compile_unets=args._worker == "torch_compile",  # pylint: disable=protected-access
@@ -965,7 +987,8 @@ def main():
   import report  # pylint: disable=g-import-not-at-top
   env = _worker_env(not args.no_hugepages)
   problems = [args.only] if args.only else list(PROBLEMS)
-  paths = ["jax", "torch"] + ([] if args.no_compile else ["torch_compile"])
+  paths = (["jax"] + (["jax_unrolled"] if args.unrolled else []) + ["torch"]
+           + ([] if args.no_compile else ["torch_compile"]))
   results = {}
   t_all = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
@@ -1007,7 +1030,7 @@ def main():
         table.append([problem, path, "failed: " + row["error"][:80], "", "", "", "", "", ""])
         continue
       comp = (f"{row['warmup_s']:.1f} ({row['lower_s'] + row['compile_s']:.1f})"
-              if path == "jax" else f"{row['warmup_s']:.1f}")
+              if path.startswith("jax") else f"{row['warmup_s']:.1f}")
       agree = row.get("agreement_with_jax")
       agree_s = ("—" if agree is None else
                  f"{agree['loss']:.1e}, {agree['params_after_first_update']:.1e}")

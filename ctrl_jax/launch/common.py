@@ -82,10 +82,9 @@ def one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text}"
 
 
-def _lock(workdir: str):
+def _lock(workdir: str) -> workdir_lib.Lock:
   import jax  # pylint: disable=g-import-not-at-top
-  # One process of a multi-process run holds it: they all work on the same run.
-  return workdir_lib.Lock(workdir) if jax.process_index() == 0 else workdir_lib.Lock("://none")
+  return workdir_lib.Lock(workdir, enabled=jax.process_index() == 0)
 
 
 def _fail(message: str) -> None:

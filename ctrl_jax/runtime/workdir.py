@@ -38,10 +38,11 @@ def check(path: str) -> None:
 class Lock:
   """An exclusive `flock` on WORKDIR/.lock held while the run lives (the OS drops it when the
   process dies, even by kill -9). A second run on the same workdir fails at once, naming the
-  holder's pid, start time and command. No-op for remote workdirs."""
+  holder's pid, start time and command. No-op for remote workdirs, and when not `enabled` (the
+  other processes of a multi-process run: they work on the run process 0 holds)."""
 
-  def __init__(self, workdir: str):
-    self.path = None if is_remote(workdir) else os.path.join(workdir, ".lock")
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = None if is_remote(workdir) or not enabled else os.path.join(workdir, ".lock")
     self._fd: Optional[int] = None
 
   def __enter__(self) -> "Lock":
