@@ -1,8 +1,9 @@
 """Benchmark and reference: one CTRL update in plain PyTorch, against ctrl_jax's, side by side.
 
-  python bench/torch_reference.py                          # digits ink + SD-shaped, ~10 min
-  python bench/torch_reference.py --only digits --updates 3
+  python bench/torch_reference.py                          # both problems, ~12 min on 2 cores
+  python bench/torch_reference.py --only digits --updates 5
   python bench/torch_reference.py --only sd --no_compile   # skip the torch.compile row
+  python bench/torch_reference.py --only digits --unrolled digits --no_compile
 
 What this file holds:
   * `torch_lib()`: an independent PyTorch implementation of one CTRL update, written from
@@ -13,7 +14,7 @@ What this file holds:
     truncation as an explicit per-step mask, torch.utils.checkpoint per UNet call, both KL
     conventions, the reward log(p̂(y | x0) + 1e-6), micro-batch gradient accumulation, the NULL
     label row's gradient masked, optax-style global-norm clipping and AdamW with one learning
-    rate per group.
+    rate per group. GEGLU uses the tanh-approximate GELU, as diffusers' Flax UNet does.
   * The JAX side's helpers (imported lazily): `export_spec` turns a ctrl_jax problem into plain
     numpy arrays in PyTorch names (through ctrl_jax's own mapping, `convert.to_torch_state_dict`
     and `diffusers_export.lora_tensors`), and `jax_draws` reproduces the x_T, per-step noise and
@@ -23,8 +24,15 @@ What this file holds:
     weights: 16 trajectories, 10 DDIM steps, CFG, random truncation, remat) and (b) an
     SD-shaped UNet (block_out (128, 128), 32×32×4 latents, 77-token contexts of width 64,
     20 steps, one micro-batch of 2), each path in its own subprocess (peak RSS is per path):
-    ctrl_jax's jitted `train.make_train_step`, PyTorch eager with checkpointing, and
-    PyTorch with `torch.compile` on both UNets (a failure is reported, not fatal).
+    ctrl_jax's jitted `train.make_train_step` ("jax"), PyTorch eager with checkpointing
+    ("torch"), and PyTorch with `torch.compile` on both UNet call sites ("torch_compile", cold
+    inductor cache; a failure or a run past --compile_timeout (default 2 min, warm-up and
+    timed updates) is reported with how far it got, not fatal).
+    --phases (default: both problems) adds a per-phase profile on both sides: the loss alone
+    (forward trajectory + reward), backward (PyTorch: loss.backward(); JAX: the update's time
+    minus forward and optimiser), the optimiser, and one CFG call of each UNet, forward and
+    forward + backward. --unrolled adds an experimental JAX
+    row with every `lax.scan` fully unrolled.
 
 Every timed update uses the same draws (the JAX state's step counter is reset to 0 before each
 call, as bench/sd_update.py does; PyTorch gets those draws), so both sides differentiate the
@@ -36,7 +44,11 @@ uses at update 0 (constant; ink's JAX optimiser has a warm-up + cosine schedule)
 
 Workers run with the environment of the project's launchers (glibc huge pages for malloc where
 they help, `ctrl_jax.runtime.hugepages`; --no_hugepages turns that off), torch with 2 threads,
-diffusers' Flax import switched off (USE_FLAX=0) so the PyTorch worker loads no JAX.
+diffusers' Flax import switched off (USE_FLAX=0) so the PyTorch worker loads no JAX. Before
+each worker the bench waits (≤ --max_wait) for an idle machine, and it records the CPU the rest
+of the machine used while the worker ran ("others' CPU"): PyTorch's OpenMP threads slow down
+many-fold when another process takes a core, so a row with others' CPU > 0 is not a clean
+measurement.
 """
 from __future__ import annotations
 
@@ -680,7 +692,7 @@ def unroll_every_scan() -> None:
 
 
 def worker_jax(problem: str, updates: int, spec_path: str, phases: bool,
-               unrolled: bool = False) -> dict:
+               unrolled: bool = False) -> tuple[dict, dict]:
   """Builds the problem, writes the PyTorch spec + draws to `spec_path`, then times
   `train.make_train_step` (lower, compile, first call, `updates` more calls)."""
   t_start = time.perf_counter()
@@ -739,32 +751,27 @@ def worker_jax(problem: str, updates: int, spec_path: str, phases: bool,
              grad_steps=float(np.sum(draws["mask"])) / len(draws["mask"]),
              jax=jax.__version__, threads=None)
   if phases and not unrolled:
-    out["phases"] = jax_phases(setup, frozen, params, opt, batch, key, updates)
+    out["phases"] = jax_phases(setup, frozen, params, opt, batch, key, min(updates, 3),
+                               out["median_s"])
   out["peak_rss_mib"] = _rss_mib()
   return out, first_params
 
 
-def jax_phases(setup, frozen, params, opt, batch, key, repeats) -> dict:
-  """Seconds of the phases of one update, each jitted on its own: the loss of every micro-batch
-  (forward trajectory + reward, no gradient), the averaged gradient (forward + backward), and
-  the optimiser update alone. backward = gradient − forward."""
+def jax_phases(setup, frozen, params, opt, batch, key, repeats, update_s) -> dict:
+  """Seconds of the phases of one update: the loss of every micro-batch alone (forward
+  trajectory + reward, no gradient; jitted on its own with the same micro-batch keys), the
+  optimiser update alone, and backward = the train step's time − those two; plus one CFG call
+  of each UNet (`jax_calls`)."""
   import jax  # pylint: disable=g-import-not-at-top
   from ctrl_jax.core import train  # pylint: disable=g-import-not-at-top
 
   num_micro = batch["prompt"].shape[0]
   step_key = jax.random.fold_in(key, 0)
 
-  def mb(m):
-    return {k: v[m] for k, v in batch.items()}
-
   def forward(p, fz):
-    return sum(train.loss_fn(p, fz, mb(m), jax.random.fold_in(step_key, m), setup)[0]
+    return sum(train.loss_fn(p, fz, {k: v[m] for k, v in batch.items()},
+                             jax.random.fold_in(step_key, m), setup)[0]
                for m in range(num_micro))
-
-  def grads(p, fz):
-    g = [jax.grad(lambda q, m=m: train.loss_fn(q, fz, mb(m), jax.random.fold_in(step_key, m),
-                                               setup)[0])(p) for m in range(num_micro)]
-    return jax.tree_util.tree_map(lambda *a: sum(a) / num_micro, *g)
 
   def opt_step(p, o, g):
     u, o = opt.update(g, o, p)
@@ -772,21 +779,17 @@ def jax_phases(setup, frozen, params, opt, batch, key, repeats) -> dict:
 
   def timed(fn, *args):
     fn = jax.jit(fn)
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
+    jax.block_until_ready(fn(*args))  # compile + warm-up
     ts = []
     for _ in range(repeats):
       t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
       ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), first, out
+    return statistics.median(ts), None, None
 
   f_s, _, _ = timed(forward, params, frozen)
-  g_s, _, g = timed(grads, params, frozen)
-  o_s, _, _ = timed(opt_step, params, opt.init(params), g)
-  out = {"forward_s": f_s, "forward_backward_s": g_s, "backward_s": g_s - f_s,
-         "optimizer_s": o_s}
+  o_s, _, _ = timed(opt_step, params, opt.init(params), params)
+  out = {"forward_s": f_s, "backward_s": update_s - f_s - o_s, "optimizer_s": o_s}
   out.update(jax_calls(setup, frozen, params, batch, repeats, timed))
   return out
 
@@ -828,7 +831,8 @@ def per_call_arrays(setup_or_spec, batch) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def worker_torch(problem: str, updates: int, spec_path: str, compile_unets: bool,
-                 phases: bool = False) -> dict:
+                 phases: bool = False, progress_path: Optional[str] = None
+                 ) -> tuple[dict, dict]:
   t_start = time.perf_counter()
   lib = torch_lib()
   torch = lib.torch
@@ -837,16 +841,27 @@ def worker_torch(problem: str, updates: int, spec_path: str, compile_unets: bool
     data = pickle.load(f)
   model = lib.TorchCtrl(data["spec"], compile_unets=compile_unets)
   build_s = time.perf_counter() - t_start
+  progress = {"build_s": build_s}
+
+  def note(**kw):  # what the parent reports if this worker runs past its time limit
+    progress.update(kw)
+    if progress_path:
+      with open(progress_path, "w") as f:
+        json.dump(progress, f)
+
+  note(stage="warm-up")
   t0 = time.perf_counter()
   first = model.update(data["batch"], data["draws"])
   first_s = time.perf_counter() - t0
   first_params = model.params()
   times, phase_log = [], []
+  note(stage="timed updates", warmup_s=first_s, times_s=times)
   for _ in range(updates):
     t0 = time.perf_counter()
     m = model.update(data["batch"], data["draws"])
     times.append(time.perf_counter() - t0)
     phase_log.append(m["phases"])
+    note(times_s=times)
   med = {k: statistics.median(p[k] for p in phase_log) for k in phase_log[0]}
   out = dict(path="torch_compile" if compile_unets else "torch", build_s=build_s,
              warmup_s=first_s, first_call_s=first_s, compile_s=None, times_s=times,
@@ -875,6 +890,14 @@ def _worker_env(hugepages: bool) -> dict:
   return env
 
 
+def _problem_list(text: str) -> tuple[str, ...]:
+  names = tuple(n for n in text.split(",") if n)
+  bad = [n for n in names if n not in PROBLEMS]
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown problem(s) {bad}; expected some of {PROBLEMS}.")
+  return names
+
+
 def _cpu_busy_s() -> float:
   """CPU-seconds the whole machine has been busy since boot (/proc/stat, all cores)."""
   with open("/proc/stat") as f:
@@ -901,8 +924,8 @@ def _run_worker(path: str, problem: str, args, tmp: str, env: dict,
   result_path = os.path.join(tmp, f"{problem}_{path}.pkl")
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", path, "--only", problem,
          "--updates", str(args.updates), "--_spec", os.path.join(tmp, f"{problem}_spec.pkl"),
-         "--_result", result_path] + (["--phases"] if args.phases else [])
-  if path != "jax":  # diffusers then imports no Flax (hence no JAX) into the PyTorch worker
+         "--_result", result_path] + (["--_phases"] if problem in args.phases and path in ("jax", "torch") else [])
+  if path.startswith("torch"):  # diffusers then imports no Flax (hence no JAX) into PyTorch's
     env = dict(env, USE_FLAX="0")
   if path == "torch_compile":  # a fresh inductor cache: the warm-up is a cold compile
     env = dict(env, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, f"inductor_{problem}"))
@@ -914,7 +937,16 @@ def _run_worker(path: str, problem: str, args, tmp: str, env: dict,
   try:
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
   except subprocess.TimeoutExpired:
-    return {"path": path, "error": f"timed out after {timeout:.0f} s"}
+    err = {"path": path, "error": f"timed out after {timeout:.0f} s"}
+    if os.path.exists(result_path + ".progress"):
+      with open(result_path + ".progress") as f:
+        err["progress"] = json.load(f)
+      done = err["progress"].get("times_s", [])
+      err["error"] += (f" (warm-up {err['progress']['warmup_s']:.0f} s, then {len(done)} of "
+                       f"{args.updates} timed updates"
+                       + (f", median {statistics.median(done):.2f} s)" if done else ")")
+                       if "warmup_s" in err["progress"] else " in its warm-up (compile)")
+    return err
   wall = time.perf_counter() - t0
   cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -939,12 +971,22 @@ def _rel(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
 
 
-def _agreement(ref: dict, other: dict) -> dict:
-  """Max relative differences of `other`'s first update against `ref`'s (JAX)."""
+def _agreement(ref: dict, other: dict, optimizer: dict) -> dict:
+  """`other`'s first update against `ref`'s (JAX): relative differences of loss, reward, KL;
+  of the updated trainable tensors, the max relative difference (to each tensor's max |p|),
+  and the max difference in units of the tensor's learning rate (AdamW's first step moves an
+  element by ≈ lr · g / (|g| + ε), i.e. ±lr where |g| ≫ ε = 1e-8: an element whose |g| is
+  within float32 noise of 0 can move differently on the two sides)."""
   out = {k: abs(other["metrics"][k] - ref["metrics"][k]) / max(abs(ref["metrics"][k]), 1e-30)
          for k in ("loss", "reward", "kl") if k in other["metrics"]}
   pa, pb = ref["first_params"], other["first_params"]
   out["params_after_first_update"] = max(_rel(pa[k], pb[k]) for k in pa)
+  lr = {k: optimizer["lr_label_embedding" if k.startswith("class_embedding") else "lr_lora"]
+        for k in pa}
+  diff = {k: np.abs(np.asarray(pa[k], np.float64) - pb[k]) / lr[k] for k in pa}
+  out["params_max_diff_in_lr"] = float(max(d.max() for d in diff.values()))
+  out["elements_over_1pct_lr"] = int(sum((d > 0.01).sum() for d in diff.values()))
+  out["elements"] = int(sum(d.size for d in diff.values()))
   return out
 
 
@@ -953,30 +995,36 @@ def main():
   ap.add_argument("--only", choices=PROBLEMS, default=None, help="one problem (default: both)")
   ap.add_argument("--updates", type=int, default=3, help="timed updates after the warm-up")
   ap.add_argument("--no_compile", action="store_true", help="skip the torch.compile row")
-  ap.add_argument("--unrolled", action="store_true",
-                  help="add the experimental JAX row with every scan unrolled")
-  ap.add_argument("--compile_timeout", type=float, default=300.0,
-                  help="seconds before the torch.compile worker counts as failed")
-  ap.add_argument("--phases", action="store_true",
-                  help="also time forward / backward / optimiser separately on the JAX side")
+  ap.add_argument("--unrolled", type=_problem_list, default="",
+                  help="comma-separated problems that get the experimental JAX row with every "
+                       "scan unrolled (compiles ~4× longer)")
+  ap.add_argument("--compile_timeout", type=float, default=120.0,
+                  help="seconds (warm-up and timed updates) before the torch.compile worker "
+                       "counts as failed")
+  ap.add_argument("--phases", type=_problem_list, default="digits,sd",
+                  help="comma-separated problems profiled per phase on both sides: forward, "
+                       "backward, optimiser, and one UNet call forward / forward+backward "
+                       "('' = none)")
   ap.add_argument("--max_wait", type=float, default=600.0,
                   help="seconds to wait for an idle machine before each worker")
   ap.add_argument("--no_hugepages", action="store_true",
                   help="workers without glibc.malloc.hugetlb=1")
   ap.add_argument("--out", default=os.path.join("bench", "results", "torch_reference.json"))
   ap.add_argument("--_worker", choices=PATHS, default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--_phases", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--_spec", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--_result", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
 
   if args._worker:  # pylint: disable=protected-access
     if args._worker in ("jax", "jax_unrolled"):  # pylint: disable=protected-access
-      res = worker_jax(args.only, args.updates, args._spec, args.phases,  # pylint: disable=protected-access
+      res = worker_jax(args.only, args.updates, args._spec, args._phases,  # pylint: disable=protected-access
                        unrolled=args._worker == "jax_unrolled")  # pylint: disable=protected-access
     else:
       res = worker_torch(args.only, args.updates, args._spec,  # pylint: disable=protected-access
                          compile_unets=args._worker == "torch_compile",  # pylint: disable=protected-access
-                         phases=args.phases)
+                         phases=args._phases,  # pylint: disable=protected-access
+                         progress_path=args._result + ".progress")  # pylint: disable=protected-access
     with open(args._result, "wb") as f:  # pylint: disable=protected-access
       pickle.dump(res, f)
     return
@@ -987,14 +1035,14 @@ def main():
   import report  # pylint: disable=g-import-not-at-top
   env = _worker_env(not args.no_hugepages)
   problems = [args.only] if args.only else list(PROBLEMS)
-  paths = (["jax"] + (["jax_unrolled"] if args.unrolled else []) + ["torch"]
-           + ([] if args.no_compile else ["torch_compile"]))
+  base_paths = ["torch"] + ([] if args.no_compile else ["torch_compile"])
   results = {}
   t_all = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
     for problem in problems:
       rows = {}
       describe = None
+      paths = ["jax"] + (["jax_unrolled"] if problem in args.unrolled else []) + base_paths
       for path in paths:
         print(f"[{problem}] {path} ...", flush=True)
         rows[path] = _run_worker(path, problem, args, tmp, env,
@@ -1009,19 +1057,20 @@ def main():
                 flush=True)
         if path == "jax":
           with open(os.path.join(tmp, f"{problem}_spec.pkl"), "rb") as f:
-            describe = pickle.load(f)["describe"]
+            spec_data = pickle.load(f)
+          describe, optimizer = spec_data["describe"], spec_data["spec"]["optimizer"]
       jax_row = rows["jax"]
       for path, row in rows.items():
         if "error" not in row:
           row["ratio_jax_over_this"] = jax_row["median_s"] / row["median_s"]
           if path != "jax":
-            row["agreement_with_jax"] = _agreement(jax_row, row)
+            row["agreement_with_jax"] = _agreement(jax_row, row, optimizer)
       for row in rows.values():
         row.pop("first_params", None)
       results[problem] = {"describe": describe, "paths": rows}
 
   head = ("problem", "path", "s / update (median)", "JAX / this", "warm-up s (compile)",
-          "peak RSS MiB", "G (grad steps)", "first-update Δ vs JAX (loss, params)",
+          "peak RSS MiB", "G (grad steps)", "first update vs JAX: loss Δ, params Δ / lr",
           "others' CPU")
   table = []
   for problem, res in results.items():
@@ -1033,7 +1082,8 @@ def main():
               if path.startswith("jax") else f"{row['warmup_s']:.1f}")
       agree = row.get("agreement_with_jax")
       agree_s = ("—" if agree is None else
-                 f"{agree['loss']:.1e}, {agree['params_after_first_update']:.1e}")
+                 f"{agree['loss']:.1e}, {agree['params_max_diff_in_lr']:.2g} "
+                 f"({agree['elements_over_1pct_lr']} of {agree['elements']} > 0.01)")
       table.append([problem, path, f"{row['median_s']:.3f}",
                     f"{row['ratio_jax_over_this']:.2f}", comp, f"{row['peak_rss_mib']:.0f}",
                     f"{row['grad_steps']:.1f}", agree_s,
@@ -1046,7 +1096,9 @@ def main():
         print(f"  {path} phases: " + ", ".join(
             f"{k} {v:.3f}" for k, v in row["phases"].items() if isinstance(v, float)))
   payload = {"command": "python bench/torch_reference.py " + " ".join(sys.argv[1:]),
-             "updates": args.updates, "hugepages_env": env.get("GLIBC_TUNABLES", ""),
+             "updates": args.updates, "phases": list(args.phases),
+             "unrolled": list(args.unrolled), "compile_timeout_s": args.compile_timeout,
+             "hugepages_env": env.get("GLIBC_TUNABLES", ""),
              "wall_s": time.perf_counter() - t_all, "problems": results}
   report.write_json(args.out, payload)
 
