@@ -49,3 +49,28 @@ def write_json(path: str, payload: dict) -> None:
     json.dump({**payload, "machine": platform.platform(), "cpu_count": os.cpu_count(),
                "libc": platform.libc_ver()}, f, indent=2)
   print(f"wrote {path}")
+
+
+def lower_and_compile(fn, *args):
+  """(compiled, lower seconds, compile seconds) of a jitted `fn` at `args`."""
+  import time  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  lowered = fn.lower(*args)
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, lower_s, time.perf_counter() - t0
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+  """Median wall time of `repeats` calls of `fn(*args)` (each waited for), after one warm-up."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)

@@ -53,6 +53,8 @@ from ctrl_jax.models import unet as unet_lib
 from ctrl_jax.problems.sd import compressibility
 from ctrl_jax.runtime import sharding as shd
 
+import report  # bench/report.py: this script's folder is on sys.path
+
 # SD1.5's VAE (AutoencoderKL of stable-diffusion-v1-5/vae/config.json).
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
                 down_block_types=("DownEncoderBlock2D",) * 4,
@@ -258,12 +260,7 @@ def main():
   key = jax.device_put(jax.random.key(args.seed), repl)
   step_fn = train.make_train_step(setup, optimizer, mesh)
 
-  t0 = time.perf_counter()
-  lowered = step_fn.lower(state, batch, key, frozen)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  compiled, lower_s, compile_s = report.lower_and_compile(step_fn, state, batch, key, frozen)
   xla_flops = _flops(compiled.cost_analysis())
   mem = compiled.memory_analysis()
   temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None

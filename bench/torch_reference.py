@@ -721,12 +721,8 @@ def worker_jax(problem: str, updates: int, spec_path: str, phases: bool,
   opt = train.make_optimizer(**prob["opt_kwargs"])
   state = train.create_train_state(params, opt, mesh)
   step_fn = train.make_train_step(setup, opt, mesh)
-  t0 = time.perf_counter()
-  lowered = step_fn.lower(state, batch, key, frozen)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  import report  # pylint: disable=g-import-not-at-top
+  compiled, lower_s, compile_s = report.lower_and_compile(step_fn, state, batch, key, frozen)
 
   def reset(s):  # same step key every call: same x_T, noise and truncation masks
     return {**s, "step": jnp.zeros((), jnp.int32)}
@@ -778,14 +774,8 @@ def jax_phases(setup, frozen, params, opt, batch, key, repeats, update_s) -> dic
     return jax.tree_util.tree_map(lambda a, b: a + b, p, u), o
 
   def timed(fn, *args):
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    ts = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), None, None
+    import report  # pylint: disable=g-import-not-at-top
+    return report.median_seconds(jax.jit(fn), *args, repeats=repeats), None, None
 
   f_s, _, _ = timed(forward, params, frozen)
   o_s, _, _ = timed(opt_step, params, opt.init(params), params)

@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +22,14 @@ from ctrl_jax.core import schedules
 from ctrl_jax.models import augmented
 from ctrl_jax.models import unet as unet_lib
 
+import report  # bench/report.py: this script's folder is on sys.path
+
 
 def _time(fn, args, repeats):
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, _, compile_s = report.lower_and_compile(jax.jit(fn), *args)
   mem = compiled.memory_analysis()
   temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-  jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), compile_s, temp
+  return report.median_seconds(compiled, *args, repeats=repeats), compile_s, temp
 
 
 def main():
