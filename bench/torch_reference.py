@@ -692,7 +692,7 @@ def unroll_every_scan() -> None:
 
 
 def worker_jax(problem: str, updates: int, spec_path: str, phases: bool,
-               unrolled: bool = False) -> tuple[dict, dict]:
+               unrolled: bool = False, structure: bool = False) -> tuple[dict, dict]:
   """Builds the problem, writes the PyTorch spec + draws to `spec_path`, then times
   `train.make_train_step` (lower, compile, first call, `updates` more calls)."""
   t_start = time.perf_counter()
@@ -749,6 +749,8 @@ def worker_jax(problem: str, updates: int, spec_path: str, phases: bool,
   if phases and not unrolled:
     out["phases"] = jax_phases(setup, frozen, params, opt, batch, key, min(updates, 3),
                                out["median_s"])
+  if structure and not unrolled:
+    out["structure"] = jax_structure(setup, frozen, params, batch, key, min(updates, 3))
   out["peak_rss_mib"] = _rss_mib()
   return out, first_params
 
@@ -781,6 +783,44 @@ def jax_phases(setup, frozen, params, opt, batch, key, repeats, update_s) -> dic
   o_s, _, _ = timed(opt_step, params, opt.init(params), params)
   out = {"forward_s": f_s, "backward_s": update_s - f_s - o_s, "optimizer_s": o_s}
   out.update(jax_calls(setup, frozen, params, batch, repeats, timed))
+  return out
+
+
+def jax_structure(setup, frozen, params, batch, key, repeats) -> dict:
+  """Where the trajectory's backward goes: the loss alone and its gradient for micro-batch 0,
+  jitted on their own, under random truncation (a `lax.cond` per step) and under last-G
+  truncation with the same number G of differentiated steps (no cond: a gradient-free scan,
+  then a differentiated one), first with every `lax.scan` rolled, then fully unrolled."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import train  # pylint: disable=g-import-not-at-top
+
+  mb = {k: v[0] for k, v in batch.items()}
+  k0 = jax.random.fold_in(jax.random.fold_in(key, 0), 0)
+  g = int(np.sum(jax_draws(setup, key, 0, batch)["mask"][0]))
+  variants = {"random": {}, f"last_{g}": dict(truncation="last_k", truncation_k=g)}
+  out = {}
+  for unrolled in (False, True):
+    if unrolled:
+      unroll_every_scan()
+    for name, kw in variants.items():
+      st = dataclasses.replace(setup, **kw)
+      loss = lambda p, fz, st=st: train.loss_fn(p, fz, mb, k0, st)[0]  # noqa: E731
+      row = {}
+      for fname, fn in (("forward", loss), ("gradient", jax.grad(loss))):
+        fn = jax.jit(fn)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params, frozen))
+        row[f"{fname}_first_call_s"] = time.perf_counter() - t0
+        ts = []
+        for _ in range(repeats):
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(params, frozen))
+          ts.append(time.perf_counter() - t0)
+        row[f"{fname}_s"] = statistics.median(ts)
+      row["backward_s"] = row["gradient_s"] - row["forward_s"]
+      row["backward_per_grad_step_s"] = row["backward_s"] / g
+      out[f"{name}, {'unrolled' if unrolled else 'rolled'}"] = row
   return out
 
 
@@ -914,7 +954,11 @@ def _run_worker(path: str, problem: str, args, tmp: str, env: dict,
   result_path = os.path.join(tmp, f"{problem}_{path}.pkl")
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", path, "--only", problem,
          "--updates", str(args.updates), "--_spec", os.path.join(tmp, f"{problem}_spec.pkl"),
-         "--_result", result_path] + (["--_phases"] if problem in args.phases and path in ("jax", "torch") else [])
+         "--_result", result_path]
+  if problem in args.phases and path in ("jax", "torch"):
+    cmd.append("--_phases")
+  if problem in args.structure and path == "jax":
+    cmd.append("--_structure")
   if path.startswith("torch"):  # diffusers then imports no Flax (hence no JAX) into PyTorch's
     env = dict(env, USE_FLAX="0")
   if path == "torch_compile":  # a fresh inductor cache: the warm-up is a cold compile
@@ -995,6 +1039,10 @@ def main():
                   help="comma-separated problems profiled per phase on both sides: forward, "
                        "backward, optimiser, and one UNet call forward / forward+backward "
                        "('' = none)")
+  ap.add_argument("--structure", type=_problem_list, default="",
+                  help="comma-separated problems whose JAX trajectory backward is timed under "
+                       "random vs last-G truncation, scans rolled vs unrolled (~5 min for "
+                       "digits)")
   ap.add_argument("--max_wait", type=float, default=600.0,
                   help="seconds to wait for an idle machine before each worker")
   ap.add_argument("--no_hugepages", action="store_true",
@@ -1002,6 +1050,7 @@ def main():
   ap.add_argument("--out", default=os.path.join("bench", "results", "torch_reference.json"))
   ap.add_argument("--_worker", choices=PATHS, default=None, help=argparse.SUPPRESS)
   ap.add_argument("--_phases", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--_structure", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--_spec", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--_result", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -1009,7 +1058,8 @@ def main():
   if args._worker:  # pylint: disable=protected-access
     if args._worker in ("jax", "jax_unrolled"):  # pylint: disable=protected-access
       res = worker_jax(args.only, args.updates, args._spec, args._phases,  # pylint: disable=protected-access
-                       unrolled=args._worker == "jax_unrolled")  # pylint: disable=protected-access
+                       unrolled=args._worker == "jax_unrolled",  # pylint: disable=protected-access
+                       structure=args._structure)  # pylint: disable=protected-access
     else:
       res = worker_torch(args.only, args.updates, args._spec,  # pylint: disable=protected-access
                          compile_unets=args._worker == "torch_compile",  # pylint: disable=protected-access
@@ -1085,9 +1135,15 @@ def main():
       if "phases" in row:
         print(f"  {path} phases: " + ", ".join(
             f"{k} {v:.3f}" for k, v in row["phases"].items() if isinstance(v, float)))
+      for name, st in row.get("structure", {}).items():
+        print(f"  {path} {name}: forward {st['forward_s']:.3f} s, gradient "
+              f"{st['gradient_s']:.3f} s, backward per differentiated step "
+              f"{st['backward_per_grad_step_s']:.3f} s (first gradient call "
+              f"{st['gradient_first_call_s']:.0f} s)")
   payload = {"command": "python bench/torch_reference.py " + " ".join(sys.argv[1:]),
              "updates": args.updates, "phases": list(args.phases),
-             "unrolled": list(args.unrolled), "compile_timeout_s": args.compile_timeout,
+             "unrolled": list(args.unrolled), "structure": list(args.structure),
+             "compile_timeout_s": args.compile_timeout,
              "hugepages_env": env.get("GLIBC_TUNABLES", ""),
              "wall_s": time.perf_counter() - t_all, "problems": results}
   report.write_json(args.out, payload)
