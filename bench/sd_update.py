@@ -31,7 +31,7 @@ UNet forward / forward+backward, reward forward+backward at this batch):
 with f = forward, b = backward (fb − f) of a model call with gradient, r = decode+classifier
 forward+backward, M micro-batches (b_ref = 0 without reference_grad). Hardware FLOPs add the
 remat recompute, G·(f_pol + f_ref), for `--remat nothing_saveable` (other policies recompute
-less; not modelled).
+less; not modelled), and the reward forward again under `--reward_remat nothing_saveable`.
 """
 import argparse
 import json
@@ -47,6 +47,7 @@ import numpy as np
 from ctrl_jax.core import rewards
 from ctrl_jax.core import schedules
 from ctrl_jax.core import train
+from ctrl_jax.models import attention
 from ctrl_jax.models import augmented
 from ctrl_jax.models import sd as sd_lib
 from ctrl_jax.models import unet as unet_lib
@@ -93,19 +94,22 @@ def _count(tree) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(tree)))
 
 
-def build(args):
-  """(setup, frozen, trainable params, shapes info) for the benchmark's problem."""
+def build(args, abstract: bool = False):
+  """(setup, frozen, trainable params, shapes info) for the benchmark's problem. With
+  `abstract`, every parameter is a `jax.ShapeDtypeStruct` (nothing is initialised: for
+  `lower(...).compile()` and its memory plan only)."""
   dtype = DTYPES[args.dtype]
   key = jax.random.key(args.seed)
+  init = jax.eval_shape if abstract else (lambda f, *a: jax.block_until_ready(f(*a)))
   if args.tiny:
     unet_cfg = unet_lib.tiny_unet_config(sample_size=8, in_channels=4, cross_attention_dim=32)
-    vae_cfg, cls_width, cls_size = sd_lib.TINY_VAE, 8, 16
+    vae_cfg, cls_width = sd_lib.TINY_VAE, 8
   else:
     unet_cfg = sd_lib.sd15_unet_config()
-    vae_cfg, cls_width, cls_size = SD15_VAE, 32, 128
+    vae_cfg, cls_width = SD15_VAE, 64
   unet = unet_lib.build_unet(unet_cfg, dtype=dtype)
   t0 = time.perf_counter()
-  unet_params = jax.block_until_ready(unet_lib.init_unet_params(unet, jax.random.fold_in(key, 0)))
+  unet_params = init(lambda k: unet_lib.init_unet_params(unet, k), jax.random.fold_in(key, 0))
   init_s = {"unet": time.perf_counter() - t0}
   latent_shape = (unet.in_channels, unet.sample_size, unet.sample_size)
 
@@ -116,35 +120,41 @@ def build(args):
     from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
     vae = FlaxAutoencoderKL(**vae_cfg, dtype=dtype)
     t0 = time.perf_counter()
-    decoder_params = jax.block_until_ready(jax.jit(vae.init_weights)(jax.random.fold_in(key, 1)))
+    decoder_params = init(lambda k: dict(jax.jit(vae.init_weights)(k)), jax.random.fold_in(key, 1))
     init_s["vae"] = time.perf_counter() - t0
-    decoder_params = jax.tree_util.tree_map(jnp.asarray, dict(decoder_params))
     decode_fn = sd_lib.make_decode_fn(vae)
     up = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     image_shape = (3, latent_shape[1] * up, latent_shape[2] * up)
 
-  classifier = compressibility.CompressibilityCNN(NUM_CLASSES, width=cls_width,
-                                                  input_size=cls_size)
-  cls_vars = jax.jit(classifier.init)(jax.random.fold_in(key, 2),
-                                      jnp.zeros((1,) + image_shape, jnp.float32))
+  classifier = compressibility.CompressibilityCNN(NUM_CLASSES, width=cls_width, arch="official")
+  cls_vars = init(lambda k: classifier.init(k, jnp.zeros((1, 3, 16, 16), jnp.float32)),
+                  jax.random.fold_in(key, 2))
   label_space = rewards.LabelSpace(("compress4",), (NUM_CLASSES,))
-  model = augmented.AugmentedUNet(unet, num_labels=label_space.num_labels, lora_rank=4)
+  model = augmented.AugmentedUNet(
+      unet, num_labels=label_space.num_labels, lora_rank=4, attention=args.attention,
+      reference_dtype=DTYPES[args.reference_dtype] if args.reference_dtype else None,
+      remat_layers=args.remat_layers)
   setup = train.CtrlSetup(
       model=model, label_space=label_space,
       reward_fn=rewards.make_reward_fn([compressibility.classifier_apply(classifier)], (1.0,)),
       decode_fn=decode_fn, latent_shape=latent_shape,
       timesteps=schedules.ddim_timesteps(1000, args.steps), use_cfg=True,
       kl_convention="official", truncation=args.truncation, truncation_k=args.truncation_k,
-      remat_policy=None if args.remat == "none" else args.remat, reference_grad=True)
+      remat_policy=None if args.remat == "none" else args.remat, reference_grad=True,
+      reward_remat_policy=None if args.reward_remat == "none" else args.reward_remat,
+      reward_micro_batch=args.reward_micro_batch)
   d = unet_cfg["cross_attention_dim"]
   frozen = {
       "unet": unet_params, "reward": [cls_vars], "decoder": decoder_params,
-      "contexts": jax.random.normal(jax.random.fold_in(key, 3), (NUM_PROMPTS, CONTEXT_LENGTH, d)),
-      "uncond_context": jax.random.normal(jax.random.fold_in(key, 4), (CONTEXT_LENGTH, d)),
+      "contexts": init(lambda k: jax.random.normal(k, (NUM_PROMPTS, CONTEXT_LENGTH, d)),
+                       jax.random.fold_in(key, 3)),
+      "uncond_context": init(lambda k: jax.random.normal(k, (CONTEXT_LENGTH, d)),
+                             jax.random.fold_in(key, 4)),
       "schedule": schedules.make_schedule(),
       # Official SD settings (§4): γ 0.1, KL weight 0.01, CFG 7.5, η 1.
       "hparams": train.make_hparams(gamma=0.1, kl_weight=0.01, guidance_scale=7.5, eta=1.0)}
-  params = train.init_trainable(setup, jax.random.fold_in(key, 5), unet_params)
+  params = init(lambda k, u: train.init_trainable(setup, k, u), jax.random.fold_in(key, 5),
+                unet_params)
   info = dict(unet_params=_count(unet_params), trainable_params=_count(params),
               decoder_params=None if decoder_params is None else _count(decoder_params),
               classifier_params=_count(cls_vars), latent_shape=list(latent_shape),
@@ -152,17 +162,45 @@ def build(args):
   return setup, frozen, params, info
 
 
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+  """The flags that choose the update's implementation (shared with bench/sd_memory.py)."""
+  ap.add_argument("--per_device_batch", type=int, default=4,
+                  help="trajectories per device per micro-batch (official: 4 per GPU)")
+  ap.add_argument("--truncation", default="random", choices=train.TRUNCATIONS)
+  ap.add_argument("--truncation_k", type=int, default=1, help="K for --truncation last_k")
+  ap.add_argument("--remat", default="nothing_saveable",
+                  choices=("nothing_saveable", "dots_with_no_batch_dims_saveable",
+                           "everything_saveable", "none"),
+                  help="jax.checkpoint policy per UNet call")
+  ap.add_argument("--no_remat_layers", dest="remat_layers", action="store_false",
+                  help="no per-layer remat inside a UNet call (ctrl_jax/models/remat.py)")
+  ap.add_argument("--reward_remat", default="nothing_saveable",
+                  choices=("nothing_saveable", "none"),
+                  help="jax.checkpoint policy of the reward path (VAE decode + classifier)")
+  ap.add_argument("--reward_micro_batch", type=int, default=1,
+                  help="images per device decoded together under the reward remat (0 = all)")
+  ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                  help="activation dtype of the policy UNet and the VAE (params stay float32)")
+  ap.add_argument("--reference_dtype", default="float32", choices=sorted(DTYPES) + [""],
+                  help="activation dtype of the reference UNet (official: float32)")
+  ap.add_argument("--no_vae", action="store_true",
+                  help="no VAE decoder: the classifier reads the latents")
+  ap.add_argument("--seed", type=int, default=0, help="init and the (fixed) step key")
+  ap.add_argument("--tiny", action="store_true",
+                  help="CPU dry run: tiny UNet + tiny VAE, batch 1, float32")
+
+
 def per_call_flops(setup, frozen, params, batch) -> dict:
   """Loop-free FLOP counts (lowered cost analysis, nothing compiled) of the pieces of one
   micro-batch: policy / reference ε (CFG: 2b rows) forward and forward+backward, and the reward
   (decode + classifier) forward+backward. Frozen trees are arguments, not constants."""
-  mb = jax.tree_util.tree_map(lambda v: v[0], batch)
+  mb = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), batch)
   b = mb["prompt"].shape[0]
-  x = jnp.zeros((b,) + tuple(setup.latent_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((b,) + tuple(setup.latent_shape), jnp.float32)
   t = jnp.asarray(int(setup.timesteps[len(setup.timesteps) // 2]), jnp.int32)
-  labels = setup.label_space.encode(mb["y"])
 
   def eps(fz, mbatch):
+    labels = setup.label_space.encode(mbatch["y"])
     return train.eps_functions(setup, fz, mbatch["prompt"], labels)
 
   def pol_f(p, fz, mbatch, x):
@@ -181,10 +219,14 @@ def per_call_flops(setup, frozen, params, batch) -> dict:
   def reward_fb(fz, mbatch, x):
     def r(x):
       return jnp.mean(setup.reward_fn(fz["reward"], setup.decode_fn(fz.get("decoder"), x),
-                                      mbatch["y"])[0])
+                                      mbatch["y"], mbatch["prompt"])[0])
     return jax.value_and_grad(r)(x)
 
-  out = dict(policy_fwd=_lowered_flops(pol_f, params, frozen, mb, x),
+  def reward_f(fz, mbatch, x):
+    return setup.reward_fn(fz["reward"], setup.decode_fn(fz.get("decoder"), x), mbatch["y"],
+                           mbatch["prompt"])[0]
+
+  out = dict(reward_fwd=_lowered_flops(reward_f, frozen, mb, x),policy_fwd=_lowered_flops(pol_f, params, frozen, mb, x),
              policy_fwd_bwd=_lowered_flops(pol_fb, params, frozen, mb, x),
              reference_fwd=_lowered_flops(ref_f, frozen, mb, x),
              reference_fwd_bwd=_lowered_flops(ref_fb, frozen, mb, x),
@@ -205,39 +247,30 @@ def model_flops(calls: dict, setup, num_micro: int, grad_steps: float) -> tuple:
   if setup.remat_policy == "nothing_saveable":
     recompute = g * (calls["policy_fwd"] + (calls["reference_fwd"] if setup.reference_grad
                                             else 0.0))
+  if setup.reward_remat_policy == "nothing_saveable":
+    recompute += calls["reward_fwd"]
   return num_micro * per_micro, num_micro * (per_micro + recompute)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--per_device_batch", type=int, default=4,
-                  help="trajectories per device per micro-batch (official: 4 per GPU)")
+  add_model_flags(ap)
+  ap.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS,
+                  help="UNet attention implementation (ctrl_jax/models/attention.py)")
   ap.add_argument("--micro_batches", type=int, default=1,
                   help="micro-batches accumulated per timed update")
   ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
-  ap.add_argument("--truncation", default="random", choices=train.TRUNCATIONS)
-  ap.add_argument("--truncation_k", type=int, default=1, help="K for --truncation last_k")
-  ap.add_argument("--remat", default="nothing_saveable",
-                  choices=("nothing_saveable", "dots_with_no_batch_dims_saveable",
-                           "everything_saveable", "none"),
-                  help="jax.checkpoint policy per UNet call")
-  ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                  help="activation dtype of UNet and VAE (params stay float32)")
-  ap.add_argument("--no_vae", action="store_true",
-                  help="no VAE decoder: the classifier reads the latents")
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--seed", type=int, default=0, help="init and the (fixed) step key")
   ap.add_argument("--peak_tflops", type=float, default=None,
-                  help="peak TFLOP/s of ONE device, for the fraction of peak (H200 bf16: 790)")
+                  help="peak TFLOP/s of ONE device, for the fraction of peak (H200 bf16: 989 "
+                       "dense)")
   ap.add_argument("--official_trajectories", type=int, default=512,
                   help="trajectories per update to extrapolate to (official: 256 or 512)")
-  ap.add_argument("--tiny", action="store_true",
-                  help="CPU dry run: tiny UNet + tiny VAE, 3 steps, batch 1, float32")
   ap.add_argument("--out", default=None,
                   help="JSON path (default bench/results/sd_update[_tiny].json)")
   args = ap.parse_args()
   if args.tiny:
-    args.steps, args.per_device_batch, args.dtype = 3, 1, "float32"
+    args.steps, args.per_device_batch, args.dtype, args.reference_dtype = 3, 1, "float32", ""
   out_path = args.out or f"bench/results/sd_update{'_tiny' if args.tiny else ''}.json"
 
   mesh = shd.make_mesh()
@@ -301,10 +334,14 @@ def main():
                     micro_batches=num_micro, trajectories_per_update=traj, steps=args.steps,
                     cfg=True, guidance_scale=7.5, eta=1.0, truncation=args.truncation,
                     truncation_k=args.truncation_k if args.truncation == "last_k" else None,
-                    remat=args.remat, reference_grad=True, dtype=args.dtype,
+                    remat=args.remat, remat_layers=args.remat_layers,
+                    reward_remat=args.reward_remat,
+                    reward_micro_batch=args.reward_micro_batch, attention=args.attention,
+                    reference_dtype=args.reference_dtype or args.dtype,
+                    reference_grad=True, dtype=args.dtype,
                     params_dtype="float32", kl_convention="official", lora_rank=4,
                     vae=not args.no_vae,
-                    reward_classifier=f"CompressibilityCNN({NUM_CLASSES} classes, "
+                    reward_classifier=f"CompressibilityCNN(official, {NUM_CLASSES} classes, "
                                       f"random init) on the {'latents' if args.no_vae else 'decoded image'}",
                     contexts=f"random [{NUM_PROMPTS}, {CONTEXT_LENGTH}, "
                              f"{frozen['contexts'].shape[-1]}]",
@@ -312,7 +349,7 @@ def main():
                     repeats=args.repeats),
       model=info, build_seconds=build_s, lower_seconds=lower_s, compile_seconds=compile_s,
       first_call_seconds=first_s, seconds_per_update=seconds, seconds_all=times,
-      seconds_per_trajectory=seconds / traj,
+      seconds_per_trajectory=seconds / traj, images_per_second=traj / seconds,
       est_seconds_per_official_update=dict(
           trajectories=args.official_trajectories, micro_batches=official_micro,
           seconds=seconds / num_micro * official_micro),
@@ -339,6 +376,7 @@ def main():
       ("first call", f"{first_s:.2f} s"),
       (f"s / update (median of {args.repeats})", f"{seconds:.3f} s"),
       ("s / trajectory", f"{seconds / traj:.3f} s"),
+      ("images / s (trajectories trained on)", f"{traj / seconds:.2f}"),
       (f"est. s / {args.official_trajectories}-trajectory update",
        f"{result['est_seconds_per_official_update']['seconds']:.1f} s "
        f"({official_micro} micro-batches)"),

@@ -16,4 +16,5 @@ def get_config(variant: str = "official"):
   c.lr_lora = 1e-4              # docs/method.md §7
   c.lr_label_embedding = 5e-3   # docs/method.md §7
   c.trajectories_per_update = 512  # docs/method.md §7
+  c.samples_per_epoch = 512     # docs/method.md §7: 1 update per epoch, 60 epochs
   return sd_common.tiny(c) if variant == "tiny" else c

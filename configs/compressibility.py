@@ -17,4 +17,5 @@ def get_config(variant: str = "official"):
   c.lr_lora = 1e-3              # docs/method.md §7
   c.lr_label_embedding = 1e-2   # docs/method.md §7
   c.trajectories_per_update = 256  # docs/method.md §7
+  c.samples_per_epoch = 512     # docs/method.md §7: 2 updates per epoch, 60 epochs
   return sd_common.tiny(c) if variant == "tiny" else c

@@ -67,6 +67,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.remat_policy = "nothing_saveable"  # jax.checkpoint policy per UNet call ("" = off); on
                                 #   CPU it is faster, not only smaller: 1.28 vs 1.80 s/update
                                 #   (fewer fresh pages to fault in; bench/host_alloc.py)
+  c.attention = "naive"         # UNet attention (8×8 latents: 64 tokens; models/attention.py)
   c.reference_grad = True       # differentiate through the reference model's input too: the
                                 #   exact KL gradient (the official code does) ...
   c.reference_grad_from = 80    # ... from this update on (0 = every update; needs reference_grad).

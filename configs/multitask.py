@@ -18,6 +18,7 @@ def get_config(variant: str = "official"):
   c.lr_lora = 3e-4              # docs/method.md §7
   c.lr_label_embedding = 1e-2   # docs/method.md §7
   c.trajectories_per_update = 512  # docs/method.md §7
+  c.samples_per_epoch = 1024    # docs/method.md §7: 2 updates per epoch, 60 epochs
   c.eval.samples_per_class = 128  # docs/method.md §8: 128 per (y1, y2) cell
   c = sd_common.tiny(c) if variant == "tiny" else c
   if variant == "tiny":

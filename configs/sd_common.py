@@ -22,6 +22,12 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.pretrained_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # local diffusers folder
                                 #   (Flax or PyTorch safetensors) or hub id; "tiny" = random tiny SD
   c.activation_dtype = "bfloat16"  # UNet / VAE / CLIP activations; params stay float32
+  c.reference_dtype = "float32"  # activations of the frozen KL reference UNet (official: fp32;
+                                #   "" = activation_dtype). CFG, DDIM, KL, LoRA delta and label
+                                #   embedding are computed in float32 whatever the dtypes
+  c.attention = "auto"          # UNet attention: "auto" (cuDNN flash on GPU where it applies,
+                                #   else memory-efficient chunked for long sequences), "chunked",
+                                #   "xla", "cudnn", "naive" (ctrl_jax/models/attention.py)
   c.prompts = ANIMALS           # training prompts c (encoded once by the CLIP text encoder)
 
   # Sampler (§4): DDIM 50, η 1, CFG 7.5 inside both models.
@@ -38,6 +44,13 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.truncation = "random"       # CTRL's random truncated back-prop
   c.truncation_k = 1            # K for truncation "last_k"
   c.remat_policy = "nothing_saveable"  # jax.checkpoint per UNet call
+  c.remat_layers = False        # ... and per resnet / transformer layer inside it: −0.9 GiB
+                                #   for +15 % FLOPs at SD1.5 size (docs/results/sd_scale.md)
+  c.reward_remat_policy = "nothing_saveable"  # jax.checkpoint around VAE decode + classifier
+                                #   ("" = off)
+  c.reward_micro_batch = 1      # ... images per device decoded together (0 = all at once)
+  c.truncation_mask_per_device = True  # each device draws its own truncation mask (official:
+                                #   one per GPU step); False = one per micro-batch
   c.reference_grad = True       # differentiate through the reference model's input (official)
   c.reference_grad_from = 0     # ... from this update on (0 = every update, official)
 
@@ -51,10 +64,16 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.micro_batch = 0             # 0 = micro_batch_per_device × #devices
   c.trajectories_per_update = 512  # micro-batches accumulated to this many per update
   c.num_micro_batches = 0       # 0 = trajectories_per_update / micro_batch
-  c.num_updates = 60            # updates ("epochs" of the official code: one update each)
+  c.num_epochs = 60             # official epochs (§7): samples_per_epoch trajectories each
+  c.samples_per_epoch = 512     # trajectories per epoch (the official total_samples_per_epoch;
+                                #   per task below; 0 = no epochs)
+  c.num_updates = 0             # 0 = num_epochs × samples_per_epoch / trajectories_per_update
+                                #   (derived by ctrl_jax.experiment.fill_epoch_counts); > 0 sets it
   c.log_every = 1               # scalars every n updates
-  c.checkpoint_every = 1        # orbax checkpoint every n updates (an update is minutes)
-  c.max_checkpoints = 60        # keep all: the best checkpoint is chosen afterwards (§7)
+  c.checkpoint_every = 0        # orbax checkpoint every n updates (0 = once per epoch, as the
+                                #   official save_freq; finetune/info.json maps steps to epochs)
+  c.max_checkpoints = 100       # keep all (official num_checkpoint_limit): the best epoch is
+                                #   chosen afterwards (§7)
   c.max_consecutive_skips = 5   # stop after this many non-finite updates in a row (none applied)
 
   # Stage: reward classifiers p̂(y | x) (§6); `python -m ctrl_jax.launch.fit_classifier`.
@@ -77,8 +96,11 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   k.cnn_steps = 2000            # compressibility CNN: Adam steps
   k.cnn_batch = 64              # compressibility CNN: batch
   k.cnn_lr = 1e-3               # compressibility CNN: Adam lr
-  k.cnn_width = 32              # compressibility CNN: channels of the first block
-  k.cnn_input_size = 128        # compressibility CNN: images resized to this first
+  k.cnn_arch = "official"       # compressibility CNN: "official" (full resolution, stride-1
+                                #   first block, as train_reward_cnn.py) | "resized" (images
+                                #   resized to cnn_input_size first); docs/results/compress_cnn.md
+  k.cnn_width = 64              # compressibility CNN: channels of the first block (64 = official)
+  k.cnn_input_size = 128        # compressibility CNN: "resized" resizes images to this first
 
   # Evaluation (§8): ground truths on the 8 eval prompts.
   e = c.eval = ml_collections.ConfigDict()
@@ -102,10 +124,12 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.prompts = ("cat", "dog", "fox")
   c.num_inference_steps = 3
   c.remat_policy = ""           # compiles faster on CPU (remat itself: tests/test_train.py)
+  c.reward_remat_policy = ""    # as remat_policy
   c.micro_batch_per_device = 1
   c.micro_batch = 0
   c.trajectories_per_update = 0
   c.num_micro_batches = 1
+  c.samples_per_epoch = 0       # no epochs: the tiny batch depends on the device count
   c.num_updates = 4
   c.checkpoint_every = 2
   c.max_checkpoints = 3

@@ -20,6 +20,8 @@ from ctrl_jax.core import objective
 from ctrl_jax.core import rewards
 from ctrl_jax.core import sampling
 from ctrl_jax.core import train
+from ctrl_jax.models import attention
+from ctrl_jax.models import augmented
 from ctrl_jax.problems import base
 from ctrl_jax.runtime import background_compile
 from ctrl_jax.runtime import checkpoint
@@ -53,6 +55,55 @@ def batch_arithmetic(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]
   return micro, num
 
 
+def updates_per_epoch(config: ml_collections.ConfigDict, mesh) -> int:
+  """Updates in one official epoch (docs/method.md §7): `samples_per_epoch` trajectories,
+  trained on in updates of micro_batch × num_micro_batches (= trajectories_per_update); 0 when
+  the config has no `samples_per_epoch` (no epochs: `num_updates` counts updates)."""
+  samples = config.get("samples_per_epoch", 0)
+  if not samples:
+    return 0
+  micro, num = batch_arithmetic(config, mesh)
+  if micro * num < 1 or samples % (micro * num):
+    raise ValueError(f"config.samples_per_epoch={samples} is not a multiple of the {micro * num} "
+                     f"trajectories per update (trajectories_per_update).")
+  return samples // (micro * num)
+
+
+def fill_epoch_counts(config: ml_collections.ConfigDict, mesh) -> None:
+  """Derives, in place, `num_updates` = 0 → num_epochs × updates per epoch and
+  `checkpoint_every` = 0 → one checkpoint per epoch (the official save_freq), when the config
+  has `samples_per_epoch`; so `--config.num_epochs=8` sets the run's length. Explicit (> 0)
+  values are kept. `validate_config` calls it first, before anything reads either field."""
+  if (not config.get("samples_per_epoch", 0)
+      or (config.get("num_updates") != 0 and config.get("checkpoint_every") != 0)):
+    return
+  per_epoch = updates_per_epoch(config, mesh)
+  if config.num_updates == 0:
+    config.num_updates = int(config.num_epochs) * per_epoch
+  if config.checkpoint_every == 0:
+    config.checkpoint_every = per_epoch
+
+
+def epoch_metadata(config: ml_collections.ConfigDict, mesh, steps: list[int]) -> dict:
+  """{"epochs": the mapping rule, "checkpoints": [{"step", "epoch"}]} of a run's saved
+  `steps` (epoch = step / updates_per_epoch; fractional for a checkpoint saved mid-epoch, e.g.
+  on preemption); {} without epochs. What lets a user pick "epoch 47" → update 94."""
+  per_epoch = updates_per_epoch(config, mesh)
+  if not per_epoch:
+    return {}
+  micro, num = batch_arithmetic(config, mesh)
+
+  def epoch(step: int) -> int | float:
+    return step // per_epoch if step % per_epoch == 0 else step / per_epoch
+
+  return {"epochs": {"samples_per_epoch": int(config.samples_per_epoch),
+                     "trajectories_per_update": micro * num,
+                     "updates_per_epoch": per_epoch,
+                     "num_epochs": epoch(int(config.num_updates)),
+                     "rule": "checkpoint step = epoch × updates_per_epoch"},
+          "checkpoints": [{"step": s, "epoch": epoch(s)} for s in steps]}
+
+
 def _field(config: ml_collections.ConfigDict, name: str, expected: str,
            ok: Callable[[Any], bool], default: Any = None) -> None:
   value = config.get(name, default)
@@ -75,10 +126,17 @@ def _count(v) -> bool:
 def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
   """Every CTRL field of `config` (types, ranges, choices) and the problem's own fields, before
   any work; raises ValueError naming the first bad field, its value and what is expected.
-  `mesh` (default: all devices) fixes the batch arithmetic."""
+  `mesh` (default: all devices) fixes the batch arithmetic. Fills the derived `num_updates` and
+  `checkpoint_every` first (`fill_epoch_counts`, in place)."""
   _field(config, "problem", f"one of {base.names()}", lambda v: v in base.names())
   _field(config, "seed", "an integer ≥ 0", lambda v: _count(v) and v >= 0)
-  _field(config, "num_updates", "an integer ≥ 1", lambda v: _count(v) and v >= 1)
+  _field(config, "num_epochs", "an integer ≥ 1", lambda v: _count(v) and v >= 1, 1)
+  _field(config, "samples_per_epoch", "an integer ≥ 0 (0: no epochs)",
+         lambda v: _count(v) and v >= 0, 0)
+  mesh = mesh or shd.make_mesh()
+  fill_epoch_counts(config, mesh)
+  _field(config, "num_updates", "an integer ≥ 1 (or 0 = num_epochs × updates per epoch, with "
+         "samples_per_epoch set)", lambda v: _count(v) and v >= 1)
   _field(config, "num_inference_steps", "an integer ≥ 1", lambda v: _count(v) and v >= 1)
   _field(config, "eta", "a DDIM η in [0, 1]", lambda v: _finite(v) and 0 <= v <= 1)
   _field(config, "guidance_scale", "a CFG scale ≥ 0", lambda v: _finite(v) and v >= 0)
@@ -89,8 +147,17 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
   _field(config, "truncation", f"one of {train.TRUNCATIONS}", lambda v: v in train.TRUNCATIONS)
   _field(config, "truncation_k", "an integer in [1, num_inference_steps]",
          lambda v: _count(v) and 1 <= v <= config.num_inference_steps, 1)
-  _field(config, "remat_policy", f"'' (off) or one of {sorted(sampling.REMAT_POLICIES)}",
-         lambda v: v in ("", None) or v in sampling.REMAT_POLICIES, "")
+  for name in ("remat_policy", "reward_remat_policy"):
+    _field(config, name, f"'' (off) or one of {sorted(sampling.REMAT_POLICIES)}",
+           lambda v: v in ("", None) or v in sampling.REMAT_POLICIES, "")
+  _field(config, "reward_micro_batch", "an integer ≥ 0 (0 = all images at once)",
+         lambda v: _count(v) and v >= 0, 0)
+  for name, default in (("truncation_mask_per_device", True), ("remat_layers", False)):
+    _field(config, name, "True or False", lambda v: isinstance(v, bool), default)
+  _field(config, "attention", f"one of {attention.IMPLEMENTATIONS}",
+         lambda v: v in attention.IMPLEMENTATIONS, "naive")
+  _field(config, "reference_dtype", f"'' or one of {sorted(augmented.DTYPES)}",
+         lambda v: v in ("", None) or v in augmented.DTYPES, "")
   _field(config, "lora_rank", "an integer ≥ 0", lambda v: _count(v) and v >= 0)
   for name in ("lr_lora", "lr_label_embedding", "lr_unet", "weight_decay"):
     _field(config, name, "a number ≥ 0", lambda v: _finite(v) and v >= 0, 0.0)
@@ -101,17 +168,18 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
          lambda v: _finite(v) and 0 <= v <= 1, 1.0)
   _field(config, "lr_warmup_steps", "an integer in [0, num_updates)",
          lambda v: _count(v) and 0 <= v < config.num_updates, 0)
-  for name in ("log_every", "checkpoint_every"):
-    _field(config, name, "an integer ≥ 1", lambda v: _count(v) and v >= 1)
+  _field(config, "log_every", "an integer ≥ 1", lambda v: _count(v) and v >= 1)
+  _field(config, "checkpoint_every", "an integer ≥ 1 (or 0 = once per epoch, with "
+         "samples_per_epoch set)", lambda v: _count(v) and v >= 1)
   _field(config, "max_checkpoints", "an integer ≥ 1", lambda v: _count(v) and v >= 1, 3)
   _field(config, "max_consecutive_skips", "an integer ≥ 1", lambda v: _count(v) and v >= 1,
          loop.MAX_CONSECUTIVE_SKIPS)
-  mesh = mesh or shd.make_mesh()
   micro, num = batch_arithmetic(config, mesh)
   for field, value in (("micro_batch", micro), ("num_micro_batches", num)):
     if value < 1:
       raise ValueError(f"config.{field}={value} must be ≥ 1.")
   shd.check_divisible(micro, mesh, "config.micro_batch")
+  updates_per_epoch(config, mesh)  # samples_per_epoch a multiple of the update's trajectories
   start = int(config.get("reference_grad_from", 0))
   if start and not (config.reference_grad and 0 < start < int(config.num_updates)):
     raise ValueError(f"config.reference_grad_from={start}: expected 0 (every update), or an "
@@ -127,15 +195,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
 
 # Fields a resumed run may change: they steer logging, checkpoint cadence and what runs after
 # training, not what is trained. Any other difference from the saved config is refused.
-RESUME_SAFE_FIELDS = ("log_every", "checkpoint_every", "max_checkpoints", "background_compile",
+RESUME_SAFE_FIELDS = ("log_every", "attention", "checkpoint_every", "max_checkpoints", "background_compile",
                       "max_consecutive_skips", "variant", "eval", "compare", "studies")
 
 
 def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Saves the run's config as DIR/finetune/config.json, or (when DIR already holds CTRL
   checkpoints) compares it with the saved one: a field that changes shapes or meaning is refused
-  with both values, a difference in `RESUME_SAFE_FIELDS` only warned about. `num_updates` may
-  change when the learning rates do not depend on it (constant schedule, no warm-up)."""
+  with both values, a difference in `RESUME_SAFE_FIELDS` only warned about. `num_updates` (and
+  `num_epochs`) may change when the learning rates do not depend on it (constant schedule, no
+  warm-up)."""
   path = os.path.join(workdir, "finetune", "config.json")
   now = stage.config_dict(config)
   if os.path.exists(path) and checkpoint.latest_step(
@@ -148,7 +217,8 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
     schedule_free = (now.get("lr_schedule", "constant") == "constant"
                      and not now.get("lr_warmup_steps", 0))
     safe = {k: v for k, v in diff.items()
-            if k.split(".")[0] in RESUME_SAFE_FIELDS or (k == "num_updates" and schedule_free)}
+            if k.split(".")[0] in RESUME_SAFE_FIELDS
+            or (k in ("num_updates", "num_epochs") and schedule_free)}
     refused = {k: v for k, v in diff.items() if k not in safe}
     if refused:
       raise ValueError(
@@ -181,17 +251,22 @@ def make_optimizer(config: ml_collections.ConfigDict):
       lr_warmup_steps=config.get("lr_warmup_steps", 0))
 
 
-def load_finetuned(config: ml_collections.ConfigDict, workdir: str,
-                   problem: base.Problem) -> tuple[dict, int]:
-  """(trainable params, update number) of the latest CTRL checkpoint in `workdir`."""
+def load_finetuned(config: ml_collections.ConfigDict, workdir: str, problem: base.Problem,
+                   step: int | None = None) -> tuple[dict, int]:
+  """(trainable params, update number) of the latest CTRL checkpoint in `workdir`, or of update
+  `step` (an epoch's: DIR/finetune/info.json "checkpoints", e.g. multitask epoch 47 → 94)."""
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "finetune", "ckpt"))
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no CTRL checkpoint in {ckpt.directory}; run "
                               "`python -m ctrl_jax.launch.finetune` with this --workdir first.")
+    step = ckpt.latest_step() if step is None else step
+    if step not in ckpt.all_steps():
+      raise FileNotFoundError(f"no CTRL checkpoint of update {step} in {ckpt.directory}; kept: "
+                              f"{ckpt.all_steps()}.")
     target = train.create_train_state(problem.params, make_optimizer(config))
-    state = ckpt.restore(target)
-    return state["params"], ckpt.latest_step()
+    state = ckpt.restore(target, step)
+    return state["params"], step
   finally:
     ckpt.close()
 
@@ -235,14 +310,20 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   Writes `workdir/finetune/ckpt/<step>` (orbax; state = {"step", "params", "opt"}),
   `workdir/finetune.jsonl` and TensorBoard events in `workdir/tb/finetune` (see `loop.run`),
   and `workdir/finetune/info.json` at the end: wall time of this invocation's training,
-  steady-state seconds per update, trainable parameter count, and (measure_memory) XLA's
-  memory plan of the train step (`step_memory`).
+  steady-state seconds per update, trainable parameter count, (measure_memory) XLA's memory
+  plan of the train step (`step_memory`), and for configs with epochs the epoch of every kept
+  checkpoint (`epoch_metadata`).
   """
   mesh = shd.make_mesh()
   validate_config(config, mesh)
   check_resume_config(config, workdir)
   optimizer = make_optimizer(config)
   micro, num_micro = batch_arithmetic(config, mesh)
+  per_epoch = updates_per_epoch(config, mesh)
+  if per_epoch:
+    print(f"[finetune] {config.num_updates} updates of {micro * num_micro} trajectories = "
+          f"{config.num_updates / per_epoch:g} epochs of {config.samples_per_epoch} "
+          f"(epoch e ends at update e × {per_epoch})", flush=True)
   repl = shd.replicated(mesh)
   batch_sharding = shd.data_sharded(mesh, batch_axis=1)
   key = jax.device_put(jax.random.key(config.seed), repl)
@@ -332,6 +413,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
       kept = json.load(f)
     info = {**info, **kept, **{k: info[k] for k in ("trainable_params", "step_memory_bytes")
                                if k in info}}
+  info.update(epoch_metadata(config, mesh, checkpoint.all_steps(
+      os.path.join(workdir, "finetune", "ckpt"))))
   with open(info_path, "w") as f:
     json.dump(info, f, indent=2)
   return {"params": state["params"], "state": state, "history": history,

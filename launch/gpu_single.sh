@@ -8,7 +8,8 @@
 #
 # Environment (all optional):
 #   VENV=DIR          virtual environment (default: REPO/.venv, git-ignored); created once.
-#   PYTHON=python3    interpreter that creates the venv (>= 3.11).
+#   PYTHON=python3    interpreter that creates the venv (>= 3.11; checked first, e.g.
+#                     `uv python install 3.11` then PYTHON=$(uv python find 3.11)).
 #   JAX_CUDA=cuda12   jax extra: cuda12 or cuda13 (must match the machine's NVIDIA driver).
 #   XLA_FLAGS=...     appended to the GPU flags set below.
 #   STAGES="fit_classifier finetune"   stages to run, in order ("" = install only).
@@ -35,6 +36,8 @@ STAGES=${STAGES-fit_classifier finetune}  # empty: install only
 # --- environment: created once; the stamp records what was installed.
 STAMP=$VENV/.ctrl_jax_gpu_installed
 if [[ ! -f $STAMP ]]; then
+  source "$REPO/launch/check_python.sh"
+  check_python "$PYTHON" PYTHON || exit 1
   echo "[gpu_single] creating $VENV"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install --upgrade pip

@@ -13,6 +13,8 @@
 #   PROJECT=ID        gcloud project (default: gcloud's configured one).
 #   REMOTE_DIR=ctrl_jax        repository copy on each host, relative to $HOME.
 #   REMOTE_VENV=ctrl_jax_venv  virtual environment on each host, relative to $HOME.
+#   REMOTE_PYTHON=python3      interpreter on each host that creates the venv (>= 3.11,
+#                     checked first; TPU VM images with 3.10: see launch/README.md).
 #   SYNC=1            1: copy the local working tree (tracked + untracked, not ignored) to
 #                     every host first; 0: run what is already there.
 #   STAGES="fit_classifier finetune"   stages to run, in order.
@@ -34,6 +36,7 @@ shift 4
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REMOTE_DIR=${REMOTE_DIR:-ctrl_jax}
 REMOTE_VENV=${REMOTE_VENV:-ctrl_jax_venv}
+REMOTE_PYTHON=${REMOTE_PYTHON:-python3}
 SYNC=${SYNC:-1}
 STAGES=${STAGES:-fit_classifier finetune}
 DETACH=${DETACH:-0}
@@ -61,13 +64,18 @@ if [[ $SYNC == 1 ]]; then
   on_all_hosts "set -euo pipefail; mkdir -p ~/$REMOTE_DIR; tar xzf ~/ctrl_jax_src.tgz -C ~/$REMOTE_DIR"
 fi
 
-# --- environment, once per host: venv, the package (pins jax), jax[tpu] of the same version
-# (pulls libtpu), gcsfs (orbax / etils read and write gs:// through fsspec + gcsfs).
+# --- environment, once per host: the interpreter checked (launch/check_python.sh, its function
+# sent along), venv, the package (pins jax), jax[tpu] of the same version (pulls libtpu), gcsfs
+# (orbax / etils read and write gs:// through fsspec + gcsfs).
+source "$REPO/launch/check_python.sh"
+PY=$(printf '%q' "$REMOTE_PYTHON")
 on_all_hosts "set -euo pipefail
+$(declare -f check_python)
 V=~/$REMOTE_VENV
 if [[ ! -f \$V/.ctrl_jax_tpu_installed ]]; then
-  python3 -m venv \$V || { sudo apt-get update -q && sudo apt-get install -y -q python3-venv \
-    && python3 -m venv \$V; }
+  check_python $PY REMOTE_PYTHON || exit 1
+  $PY -m venv \$V || { sudo apt-get update -q \
+    && sudo apt-get install -y -q \$(basename $PY)-venv && $PY -m venv \$V; }
   \$V/bin/pip install -q --upgrade pip
   \$V/bin/pip install -q -e ~/$REMOTE_DIR
   JAX_VERSION=\$(\$V/bin/python -c 'import importlib.metadata as m; print(m.version(\"jax\"))')

@@ -1,6 +1,10 @@
 """Tests of ctrl_jax.models.aesthetic: parity of the LAION MLP and the CLIP vision tower with
 PyTorch (the references), the differentiable image path, the classifier head and the errors."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +74,41 @@ def test_laion_mlp_parity_pth_and_safetensors(tmp_path):
     got = np.asarray(aesthetic.LaionMLP().apply({"params": params}, jnp.asarray(x)))
     assert got.shape == (5, 1)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_laion_pth_converts_to_a_safetensors_copy_read_without_torch(tmp_path, capsys):
+  """`python -m ctrl_jax.launch.convert_laion IN.pth OUT.safetensors` (its main) writes the
+  copy, and a bad state dict fails in one line, exit 1, nothing written; a process where torch
+  cannot be imported loads the copy to the same params as the `.pth`."""
+  from ctrl_jax.launch import convert_laion  # pylint: disable=g-import-not-at-top
+  state = _Holder(_official_torch_mlp()).state_dict()
+  pth, out = str(tmp_path / "laion.pth"), str(tmp_path / "laion.safetensors")
+  torch.save(state, pth)
+  assert convert_laion.main(["convert_laion", pth, out]) == 0 and os.path.exists(out)
+  code = ("import sys, numpy as np; sys.modules['torch'] = None\n"
+          "from ctrl_jax.models import aesthetic\n"
+          f"p = aesthetic.load_laion_mlp_params({out!r})\n"
+          f"np.savez({str(tmp_path / 'p.npz')!r}, "
+          "**{k + '/' + l: np.asarray(v) for k, d in p.items() for l, v in d.items()})")
+  no_torch = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+  assert no_torch.returncode == 0, no_torch.stderr[-2000:]
+  want = aesthetic.load_laion_mlp_params(pth)
+  with np.load(tmp_path / "p.npz") as got:
+    for k, d in want.items():
+      for leaf, v in d.items():
+        np.testing.assert_array_equal(got[f"{k}/{leaf}"], np.asarray(v))
+
+  bad = dict(state)
+  bad["extra.weight"] = bad.pop("layers.7.weight")
+  torch.save(bad, str(tmp_path / "bad.pth"))
+  capsys.readouterr()
+  assert convert_laion.main(["convert_laion", str(tmp_path / "bad.pth"),
+                             str(tmp_path / "bad.safetensors")]) == 1
+  assert not os.path.exists(tmp_path / "bad.safetensors")
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "missing keys ['layers.7.weight']" in lines[0], lines
+  assert convert_laion.main(["convert_laion", pth]) == 2
 
 
 def test_laion_mlp_errors(tmp_path):

@@ -45,6 +45,30 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
   assert full["params"]["label_embedding"][-1].sum() == 0
 
 
+def test_epochs_set_the_run_length_and_info_maps_every_checkpoint_to_its_epoch(tmp_path):
+  """num_updates = 0 and checkpoint_every = 0 with 2 epochs of 16 trajectories (8 per update):
+  4 updates, a checkpoint per epoch, finetune/info.json gives each kept checkpoint's epoch, and
+  `load_finetuned(step=)` restores the one of epoch 1."""
+  c = _config(0)
+  c.num_epochs, c.samples_per_epoch, c.checkpoint_every = 2, 16, 0
+  workdir = str(tmp_path / "run")
+  out = experiment.finetune(c, workdir)
+  assert (c.num_updates, c.checkpoint_every) == (4, 2) and len(out["history"]) == 4
+  with open(os.path.join(workdir, "finetune", "info.json")) as f:
+    info = json.load(f)
+  assert info["epochs"] == {"samples_per_epoch": 16, "trajectories_per_update": 8,
+                            "updates_per_epoch": 2, "num_epochs": 2,
+                            "rule": "checkpoint step = epoch × updates_per_epoch"}
+  assert info["checkpoints"] == [{"step": 2, "epoch": 1}, {"step": 4, "epoch": 2}]
+  problem = experiment.build_problem(c, workdir)
+  first, step = experiment.load_finetuned(c, workdir, problem, step=2)
+  last, _ = experiment.load_finetuned(c, workdir, problem)
+  assert step == 2
+  assert not np.allclose(first["label_embedding"], last["label_embedding"])
+  with pytest.raises(FileNotFoundError, match=r"update 3 .*kept: \[2, 4\]"):
+    experiment.load_finetuned(c, workdir, problem, step=3)
+
+
 def test_cli_runs_and_writes_artifacts(tmp_path):
   """`python -m ctrl_jax.launch.finetune --config=configs/smoke.py` runs, logs and
   checkpoints; a bad config field gives a message naming it."""

@@ -85,6 +85,8 @@ def test_validation_names_the_field_its_value_and_what_is_expected(field, value,
     ("aesthetic.py", "pretrained_model", "/no/such/sd15", "is not a folder"),
     ("aesthetic.py", "classifier.laion_weights", "/no/such.pth", "is not a file"),
     ("compressibility.py", "classifier.compress_data", "/no/images", "does not exist"),
+    ("compressibility.py", "classifier.cnn_arch", "resize",
+     "config.classifier.cnn_arch='resize'; expected one of ('official', 'resized')"),
     ("compressibility.py", "activation_dtype", "float16", "config.activation_dtype='float16'"),
 ])
 def test_problem_fields_and_paths_are_validated_before_any_work(config_file, field, value,

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from ctrl_jax import experiment
 from ctrl_jax import export
@@ -37,6 +38,72 @@ def test_official_configs_carry_the_official_settings():
   assert compressibility_config.get_config().trajectories_per_update == 256
   assert multitask_config.get_config().reward_weights == (1.0, 2.0)
   assert aesthetic_config.get_config().lr_lora == 1e-4
+
+
+# 60 official epochs of the authors' samples per epoch (their config/condition.py,
+# set_config_batch(total_samples_per_epoch=…); docs/method.md §7), in trajectories.
+OFFICIAL_TRAJECTORIES = {"aesthetic": 60 * 512, "compressibility": 60 * 512,
+                         "multitask": 60 * 1024}
+
+
+def test_update_counts_are_60_official_epochs_on_any_device_count():
+  """num_updates × trajectories_per_update = 30 720 (aesthetic, compressibility) and 61 440
+  (multitask) trajectories, on 1 and on 8 devices; one checkpoint per epoch; epoch 47 of
+  multitask is update 94, epoch 8 of compressibility update 16."""
+  assert OFFICIAL_TRAJECTORIES == {"aesthetic": 30720, "compressibility": 30720,
+                                   "multitask": 61440}
+  for mesh in (shd.make_mesh(jax.devices()[:1]), shd.make_mesh()):
+    for name, module in CONFIGS.items():
+      c = module.get_config()
+      experiment.fill_epoch_counts(c, mesh)
+      micro, num_micro = experiment.batch_arithmetic(c, mesh)
+      assert micro * num_micro == c.trajectories_per_update, name
+      assert c.num_updates * c.trajectories_per_update == OFFICIAL_TRAJECTORIES[name], name
+      per_epoch = experiment.updates_per_epoch(c, mesh)
+      assert c.checkpoint_every == per_epoch == {"aesthetic": 1}.get(name, 2), name
+      assert c.num_updates == 60 * per_epoch and c.max_checkpoints >= 60, name
+  c = multitask_config.get_config()
+  experiment.fill_epoch_counts(c, mesh)
+  meta = experiment.epoch_metadata(c, mesh, [93, 94, 120])
+  assert meta["epochs"]["updates_per_epoch"] == 2 and meta["epochs"]["num_epochs"] == 60
+  assert meta["checkpoints"] == [{"step": 93, "epoch": 46.5}, {"step": 94, "epoch": 47},
+                                 {"step": 120, "epoch": 60}]
+  compress = experiment.epoch_metadata(compressibility_config.get_config(), mesh, [16])
+  assert compress["checkpoints"] == [{"step": 16, "epoch": 8}]
+
+
+def _parse(*overrides):
+  """The config as `--config=… --config.FIELD=VALUE` gives it to a launcher."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  values, argv = flags.FlagValues(), ["prog", *overrides]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_num_epochs_and_num_updates_on_the_command_line():
+  """--config.num_epochs=8 sets the run's length (16 compressibility updates); an explicit
+  --config.num_updates is kept; a samples_per_epoch that is not a multiple of the update's
+  trajectories is refused in one line naming it; :tiny runs its 4 updates, without epochs."""
+  mesh = shd.make_mesh()
+  path = os.path.join(REPO, "configs", "compressibility.py")
+  c = _parse(f"--config={path}", "--config.num_epochs=8")
+  experiment.fill_epoch_counts(c, mesh)
+  assert (c.num_updates, c.checkpoint_every) == (16, 2)
+  c = _parse(f"--config={path}", "--config.num_updates=5")
+  experiment.fill_epoch_counts(c, mesh)
+  assert (c.num_updates, c.checkpoint_every) == (5, 2)
+  c = _parse(f"--config={path}", "--config.samples_per_epoch=300")
+  with pytest.raises(ValueError) as e:
+    experiment.fill_epoch_counts(c, mesh)
+  assert str(e.value) == ("config.samples_per_epoch=300 is not a multiple of the 256 "
+                          "trajectories per update (trajectories_per_update).")
+  for module in CONFIGS.values():
+    t = module.get_config("tiny")
+    experiment.fill_epoch_counts(t, mesh)
+    assert (t.num_updates, t.checkpoint_every, experiment.updates_per_epoch(t, mesh)) == (4, 2, 0)
 
 
 def _classifiers(config, workdir, task):

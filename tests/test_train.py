@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from ctrl_jax.core import sampling
 from ctrl_jax.core import train
 from ctrl_jax.problems import tiny as tiny_problem
 from ctrl_jax.runtime import sharding as shd
@@ -53,7 +54,10 @@ def test_eight_devices_match_one_device(problem):
   devices (8× too large), or a wrong sign, shows; Adam's first step (≈ −lr·sign(g)) would hide
   both."""
   assert jax.device_count() == 8
-  _, _, params = problem
+  setup, frozen, params = problem
+  # One truncation mask per micro-batch (per-device masks make 8 devices differ by design:
+  # test_per_device_truncation_masks).
+  problem = (dataclasses.replace(setup, mask_per_device=False), frozen, params)
   sgd = optax.sgd(1.0)
   s1, m1 = _params_after(problem, shd.make_mesh(jax.devices()[:1]), opt=sgd)
   s8, m8 = _params_after(problem, shd.make_mesh(), opt=sgd)
@@ -64,6 +68,85 @@ def test_eight_devices_match_one_device(problem):
   flat1, flat8 = (jax.flatten_util.ravel_pytree(g)[0] for g in (g1, g8))
   assert np.abs(flat1).max() > 0
   np.testing.assert_allclose(flat8, flat1, atol=1e-4 * np.abs(flat1).max())
+
+
+def test_device_truncation_masks_differ_and_keep_the_rate():
+  """Device 0 draws the micro-batch's own mask, devices 1…7 other ones; per device, step i
+  carries gradient with probability (i + 1) / (N + 1), as the single mask does."""
+  n, key = 10, jax.random.key(4)
+  masks = np.stack([np.asarray(sampling.device_truncation_mask(key, n, d)) for d in range(8)])
+  np.testing.assert_array_equal(masks[0], sampling.random_truncation_mask(key, n))
+  assert len({m.tobytes() for m in masks}) >= 6
+  keys = jax.random.split(jax.random.key(5), 4000)
+  rate = np.asarray(jax.vmap(lambda k: sampling.device_truncation_mask(k, n, 3))(keys)).mean(0)
+  want = (np.arange(n) + 1) / (n + 1)
+  assert np.all(np.abs(rate - want) < 4 * np.sqrt(want * (1 - want) / len(keys)))
+
+
+def test_per_device_truncation_masks(problem):
+  """On 8 devices with `mask_per_device`, the trajectory runs in shard_map with one mask per
+  device: the forward (loss) equals the 1-device one, `grad_steps` is the mean of the 8
+  devices' own masks, and the gradient differs from one shared mask's."""
+  setup, frozen, params = problem
+  sgd = optax.sgd(1.0)
+  shared = (dataclasses.replace(setup, mask_per_device=False), frozen, params)
+  s1, m1 = _params_after(problem, shd.make_mesh(jax.devices()[:1]), opt=sgd)
+  s8, m8 = _params_after(problem, shd.make_mesh(), opt=sgd)
+  s8_shared, m8_shared = _params_after(shared, shd.make_mesh(), opt=sgd)
+  np.testing.assert_allclose(m8[0]["loss"], m1[0]["loss"], rtol=1e-5, atol=1e-6)
+  n, step_key = len(setup.timesteps), jax.random.fold_in(jax.random.key(7), 0)
+  per_device = np.array([[  # [micro-batch m, device d]: differentiated steps
+      int(np.sum(sampling.device_truncation_mask(
+          jax.random.split(jax.random.fold_in(step_key, m), 3)[2], n, d))) for d in range(8)]
+      for m in range(2)])
+  assert float(m8[0]["grad_steps"]) == pytest.approx(per_device.mean())
+  assert float(m8_shared[0]["grad_steps"]) == pytest.approx(per_device[:, 0].mean())
+  assert float(m1[0]["grad_steps"]) == pytest.approx(per_device[:, 0].mean())
+  flat8, flat_shared = (jax.flatten_util.ravel_pytree(s["params"])[0] for s in (s8, s8_shared))
+  assert np.abs(flat8 - flat_shared).max() > 1e-6
+
+
+def test_gated_truncation_matches_the_forward_cond():
+  """Random truncation under full remat runs each model call through `sampling.gated_call`
+  (no forward `lax.cond`, so the frozen weights are not per-step residuals); without remat it
+  is a `lax.cond` per step. Same key, same mask: same loss and gradients, with the exact KL
+  gradient switched on and off by `reference_grad_from`."""
+  out = {}
+  for policy in ("nothing_saveable", None):
+    setup, frozen, params = _problem(remat_policy=policy, truncation="random",
+                                     reference_grad_from=1)
+    params = jax.tree_util.tree_map(lambda a: a + 0.01 * jnp.ones_like(a), params)
+    mb = jax.tree_util.tree_map(lambda v: v[0], tiny_problem.make_batch(0, 0, setup, 3, 1, 4))
+    f = jax.jit(jax.value_and_grad(
+        lambda p, fr, b, k, n, setup=setup: train.loss_fn(p, fr, b, k, setup, step=n),
+        has_aux=True))
+    out[policy] = [f(params, frozen, mb, jax.random.key(11), jnp.asarray(n)) for n in (0, 1)]
+  for n in (0, 1):
+    ((l1, m1), g1), ((l2, m2), g2) = out["nothing_saveable"][n], out[None][n]
+    assert 0 < float(m1["grad_steps"]) < len(_problem()[0].timesteps)  # a real truncation
+    np.testing.assert_allclose(l1, l2, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(g1, g2, atol=1e-6, rtol=1e-5)
+  # The exact KL gradient (update 1) differs from the constant-ε_pre one (update 0).
+  flat0, flat1 = (jax.flatten_util.ravel_pytree(out[None][n][1])[0] for n in (0, 1))
+  assert np.abs(flat0 - flat1).max() > 0
+
+
+def test_reward_remat_in_groups_does_not_change_loss_or_gradients():
+  """Loss and gradient with the reward path rematerialised one image at a time (4 groups)
+  equal those without reward remat."""
+  out = {}
+  for policy, group in (("nothing_saveable", 1), (None, 0)):
+    setup, frozen, params = _problem(remat_policy=None, truncation="none")
+    setup = dataclasses.replace(setup, reward_remat_policy=policy, reward_micro_batch=group)
+    params = jax.tree_util.tree_map(lambda a: a + 0.01 * jnp.ones_like(a), params)
+    mb = jax.tree_util.tree_map(lambda v: v[0], tiny_problem.make_batch(0, 0, setup, 3, 1, 4))
+    f = jax.jit(jax.value_and_grad(
+        lambda p, fr, b, k, setup=setup: train.loss_fn(p, fr, b, k, setup), has_aux=True))
+    out[policy] = f(params, frozen, mb, jax.random.key(3))
+  ((l1, m1), g1), ((l2, m2), g2) = out["nothing_saveable"], out[None]
+  np.testing.assert_allclose(l1, l2, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(m1["reward"], m2["reward"], atol=1e-6, rtol=1e-6)
+  chex.assert_trees_all_close(g1, g2, atol=1e-6, rtol=1e-5)
 
 
 def test_changing_gamma_guidance_eta_does_not_recompile(problem):

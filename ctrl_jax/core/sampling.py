@@ -88,6 +88,23 @@ def classifier_free_guidance(eps_uncond: jnp.ndarray, eps_cond: jnp.ndarray,
   return eps_uncond + jnp.asarray(scale, eps_cond.dtype) * (eps_cond - eps_uncond)
 
 
+def step_noise(key: jax.Array, num_steps: int, shape: tuple[int, ...],
+               dtype=jnp.float32) -> jnp.ndarray:
+  """[N, *shape] the per-step draws z_i = N(0, I) from `fold_in(key, i)`: the values
+  `ctrl_trajectory` and `ddim_sample` draw step by step."""
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, dtype))(
+      jnp.arange(num_steps))
+
+
+def device_truncation_mask(key: jax.Array, num_steps: int, device: jnp.ndarray) -> jnp.ndarray:
+  """The random truncation mask of data-parallel device `device` (an int, maybe traced): device
+  0 draws from `key` itself (so a one-device run draws `random_truncation_mask(key)`), device
+  d > 0 from `fold_in(key, d)`. Each device back-propagates its own set of steps, as the
+  official code does per GPU."""
+  own = random_truncation_mask(jax.random.fold_in(key, device), num_steps)
+  return jnp.where(jnp.asarray(device) == 0, random_truncation_mask(key, num_steps), own)
+
+
 def random_truncation_mask(key: jax.Array, num_steps: int) -> jnp.ndarray:
   """CTRL's random truncated back-prop: bool [N], True where step i carries gradient.
 
@@ -136,12 +153,64 @@ def _maybe_remat(fn: EpsFn, remat_policy: Optional[str]) -> EpsFn:
   return jax.checkpoint(fn, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
 
 
+def gated_call(fn: Callable, active: jnp.ndarray, diff: tuple, nondiff: tuple):
+  """`fn(*diff, *nondiff)` whose backward is computed only where `active` (a traced bool),
+  rematerialised: the forward keeps only the inputs; the backward recomputes `fn` and takes
+  its VJP w.r.t. `diff` inside a `lax.cond`, or returns zeros. Nothing else gets a cotangent.
+
+  This is random truncation without a `lax.cond` in the forward pass: through a forward cond,
+  every loop-invariant input of the differentiated branch (the frozen UNet's weights) became a
+  per-step residual of the trajectory scan, i.e. N copies of the weights.
+  """
+  # Closure conversion of every closed-over value (ints too, unlike `jax.closure_convert`): the
+  # backward is traced elsewhere, where a captured tracer would have escaped.
+  flat, in_tree = jax.tree_util.tree_flatten((tuple(diff), tuple(nondiff)))
+
+  def flat_fn(*flat_args):
+    d, nd = jax.tree_util.tree_unflatten(in_tree, list(flat_args))
+    return fn(*d, *nd)
+
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
+  out_tree = jax.tree_util.tree_structure(out_shape)
+  jaxpr = closed.jaxpr
+
+  def conv(diff, nondiff, consts):
+    flat_args = jax.tree_util.tree_leaves((tuple(diff), tuple(nondiff)))
+    out = jax.core.eval_jaxpr(jaxpr, list(consts), *flat_args)
+    return jax.tree_util.tree_unflatten(out_tree, out)
+
+  @jax.custom_vjp
+  def call(active, diff, nondiff, consts):
+    del active
+    return conv(diff, nondiff, consts)
+
+  def fwd(active, diff, nondiff, consts):
+    return conv(diff, nondiff, consts), (active, diff, nondiff, consts)
+
+  def bwd(res, ct):
+    active, diff, nondiff, consts = res
+
+    def grad(diff, ct):
+      _, vjp = jax.vjp(lambda *d: conv(d, nondiff, consts), *diff)
+      return tuple(vjp(ct))
+
+    def zeros(diff, ct):
+      del ct
+      return jax.tree_util.tree_map(jnp.zeros_like, tuple(diff))
+
+    return (None, jax.lax.cond(active, grad, zeros, tuple(diff), ct), None, None)
+
+  call.defvjp(fwd, bwd)
+  return call(active, tuple(diff), tuple(nondiff), tuple(closed.consts))
+
+
 def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_params: Any,
                     schedule: Schedule, timesteps: jnp.ndarray, x_T: jnp.ndarray,
                     key: jax.Array, eta: jnp.ndarray, *, grad_mask: Optional[jnp.ndarray] = None,
                     num_no_grad_steps: int = 0, remat_policy: Optional[str] = "nothing_saveable",
                     reference_grad: bool = True,
-                    reference_grad_mask: Optional[jnp.ndarray] = None) -> Trajectory:
+                    reference_grad_mask: Optional[jnp.ndarray] = None,
+                    noise: Optional[jnp.ndarray] = None) -> Trajectory:
   """Runs the fine-tuned and the reference model side by side from the same x_T.
 
   The sample follows the fine-tuned model: x_prev = μ_new + σ_t z_i with
@@ -171,6 +240,8 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
       pathwise gradient of the KL); False treats ε_pre as a constant (cheaper).
     reference_grad_mask: per step, whether reference_grad applies (None = every step). Lets
       one compiled step switch between the exact and the cheaper gradient per update.
+    noise: [N, B, ...] the per-step draws z_i, given instead of drawing them from `key` (a
+      shard of the global draws, inside `shard_map`).
 
   Returns:
     A `Trajectory`.
@@ -181,6 +252,7 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     raise ValueError(f"num_no_grad_steps={num_no_grad_steps} not in [0, {num_steps}].")
   ratio = schedule.num_train_timesteps // num_steps
   prev_timesteps = timesteps - ratio
+  policy_eps_raw, reference_eps_raw = policy_eps, reference_eps
   policy_eps = _maybe_remat(policy_eps, remat_policy)
   reference_eps = _maybe_remat(reference_eps, remat_policy)
   sg = jax.lax.stop_gradient
@@ -205,7 +277,11 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     e_ref = reference_eps(ref_params, sg(x), t)
     return transition(x, e_new, e_ref, t, t_prev, z)
 
+  given_noise = noise
+
   def noise(i, x):
+    if given_noise is not None:
+      return given_noise[i].astype(x.dtype)
     return jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
 
   def body_no_grad(x, inp):
@@ -214,8 +290,24 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
     return x_prev, kl
 
   switch_reference = reference_grad and reference_grad_mask is not None
+  # Truncation under full remat: no forward `lax.cond` (see `gated_call`).
+  gated = grad_mask is not None and remat_policy == "nothing_saveable"
+  policy_raw, reference_raw = policy_eps_raw, reference_eps_raw
+
+  def gated_body(x, inp):
+    i, t, t_prev, g, r = inp
+    z = noise(i, x)
+    e_new = gated_call(policy_raw, g, (params, x), (t,))
+    if reference_grad:
+      active = g & r if switch_reference else g
+      e_ref = gated_call(lambda x, rp, t: reference_raw(rp, x, t), active, (x,), (ref_params, t))
+    else:
+      e_ref = reference_eps(ref_params, sg(x), t)
+    return transition(x, e_new, e_ref, t, t_prev, z)
 
   def body(x, inp):
+    if gated:
+      return gated_body(x, inp)
     i, t, t_prev, g, r = inp
     z = noise(i, x)
     if switch_reference:

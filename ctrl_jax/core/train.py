@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from ctrl_jax.core import objective
 from ctrl_jax.core import rewards
@@ -48,6 +49,14 @@ class CtrlSetup:
     reference_grad_from: with reference_grad, the first update (0-based) that does: updates
       before it take ε_pre as a constant (the cheaper, biased KL gradient), in the same
       compiled step (a traced switch on the update number). 0 = every update.
+    mask_per_device: under random truncation on a data mesh of D > 1 devices, every device
+      draws its own truncation mask for its share of the micro-batch (the trajectory runs in
+      `shard_map`), as the official code does per GPU; False: one mask per micro-batch.
+    reward_remat_policy: jax.checkpoint policy around the reward path (decode + classifiers),
+      or None.
+    reward_micro_batch: with reward_remat_policy, images per device decoded together: the
+      micro-batch's rewards run in sequence over groups of this many per device, each group
+      rematerialised, so the backward holds one group's decoder activations. 0 = all at once.
   """
   model: AugmentedUNet
   label_space: rewards.LabelSpace
@@ -62,8 +71,17 @@ class CtrlSetup:
   remat_policy: Optional[str] = "nothing_saveable"
   reference_grad: bool = True
   reference_grad_from: int = 0
+  mask_per_device: bool = True
+  reward_remat_policy: Optional[str] = None
+  reward_micro_batch: int = 0
 
   def __post_init__(self):
+    if self.reward_remat_policy is not None and (
+        self.reward_remat_policy not in sampling.REMAT_POLICIES):
+      raise ValueError(f"reward_remat_policy={self.reward_remat_policy!r}; expected None or one "
+                       f"of {sorted(sampling.REMAT_POLICIES)}.")
+    if self.reward_micro_batch < 0:
+      raise ValueError(f"reward_micro_batch={self.reward_micro_batch} must be ≥ 0.")
     if self.truncation not in TRUNCATIONS:
       raise ValueError(f"truncation={self.truncation!r}; expected one of {TRUNCATIONS}.")
     if self.kl_convention not in objective.KL_CONVENTIONS:
@@ -97,6 +115,18 @@ def hparams_from_config(config) -> dict:
                       guidance_scale=config.guidance_scale, eta=config.eta)
 
 
+def setup_options(config) -> dict:
+  """The `CtrlSetup` keyword arguments a run config sets (every problem's builder uses them)."""
+  return dict(
+      use_cfg=config.use_cfg, kl_convention=config.kl_convention, truncation=config.truncation,
+      truncation_k=config.truncation_k, remat_policy=config.remat_policy or None,
+      reference_grad=config.reference_grad,
+      reference_grad_from=config.get("reference_grad_from", 0),
+      mask_per_device=config.get("truncation_mask_per_device", True),
+      reward_remat_policy=config.get("reward_remat_policy", "") or None,
+      reward_micro_batch=config.get("reward_micro_batch", 0))
+
+
 def eps_functions(setup: CtrlSetup, frozen: dict, prompt: jnp.ndarray, labels: jnp.ndarray):
   """(policy_eps, reference_eps) closures for one micro-batch, CFG included.
 
@@ -104,31 +134,127 @@ def eps_functions(setup: CtrlSetup, frozen: dict, prompt: jnp.ndarray, labels: j
     prompt: int [b] index into frozen["contexts"] [P, L, D].
     labels: int [b] combined label index.
   """
+  return _eps_closures(setup, frozen["contexts"][prompt], labels, frozen.get("uncond_context"),
+                       frozen["hparams"]["guidance_scale"], frozen["unet"])
+
+
+def _eps_closures(setup: CtrlSetup, ctx: jnp.ndarray, labels: jnp.ndarray,
+                  uncond: Optional[jnp.ndarray], scale: jnp.ndarray, unet_ref: Any):
+  """`eps_functions` from the micro-batch's contexts [b, L, D] themselves. The guided ε
+  (ε_∅ + w (ε_c − ε_∅)) is combined in float32 whatever the activation dtype."""
   model = setup.model
-  ctx = frozen["contexts"][prompt]
-  scale = frozen["hparams"]["guidance_scale"]
-  unet_ref = frozen["unet"]
   if setup.use_cfg:
-    unc = jnp.broadcast_to(frozen["uncond_context"][None], ctx.shape)
+    unc = jnp.broadcast_to(uncond[None], ctx.shape)
     ctx2 = jnp.concatenate([unc, ctx], axis=0)
     labels2 = jnp.concatenate([jnp.full_like(labels, model.null_label), labels], axis=0)
+
+  def guided(e):
+    e_unc, e_c = jnp.split(e.astype(jnp.float32), 2, axis=0)
+    return sampling.classifier_free_guidance(e_unc, e_c, scale)
 
   def policy_eps(params, x, t):
     unet = params.get("unet", unet_ref)
     if not setup.use_cfg:
       return model.apply(unet, params, x, t, ctx, labels)
-    e = model.apply(unet, params, jnp.concatenate([x, x], axis=0), t, ctx2, labels2)
-    e_unc, e_c = jnp.split(e, 2, axis=0)
-    return sampling.classifier_free_guidance(e_unc, e_c, scale)
+    return guided(model.apply(unet, params, jnp.concatenate([x, x], axis=0), t, ctx2, labels2))
 
   def reference_eps(ref_unet, x, t):
     if not setup.use_cfg:
       return model.apply_pretrained(ref_unet, x, t, ctx)
-    e = model.apply_pretrained(ref_unet, jnp.concatenate([x, x], axis=0), t, ctx2)
-    e_unc, e_c = jnp.split(e, 2, axis=0)
-    return sampling.classifier_free_guidance(e_unc, e_c, scale)
+    return guided(model.apply_pretrained(ref_unet, jnp.concatenate([x, x], axis=0), t, ctx2))
 
   return policy_eps, reference_eps
+
+
+def _data_devices(mesh: Optional[Mesh]) -> int:
+  return 1 if mesh is None else int(mesh.shape[shd.DATA])
+
+
+def _trajectory(setup: CtrlSetup, params: dict, frozen: dict, micro_batch: dict, labels,
+                x_T: jnp.ndarray, k_noise: jax.Array, k_mask: jax.Array,
+                ref_mask: Optional[jnp.ndarray], mesh: Optional[Mesh]) -> sampling.Trajectory:
+  """The side-by-side trajectory of one micro-batch. Under random truncation with
+  `mask_per_device` on D > 1 data devices it runs in `shard_map`, each device with its own
+  truncation mask (`sampling.device_truncation_mask`), the same x_T and per-step noise as the
+  global draw; `grad_mask` is then [D, N]."""
+  hp = frozen["hparams"]
+  n = len(setup.timesteps)
+  common = dict(remat_policy=setup.remat_policy, reference_grad=setup.reference_grad,
+                reference_grad_mask=ref_mask)
+  timesteps = jnp.asarray(setup.timesteps)
+  ctx = frozen["contexts"][micro_batch["prompt"]]
+  num_dev = _data_devices(mesh)
+  if not (setup.truncation == "random" and setup.mask_per_device and num_dev > 1):
+    grad_mask, n0 = None, 0
+    if setup.truncation == "random":
+      grad_mask = sampling.random_truncation_mask(k_mask, n)
+    elif setup.truncation == "last_k":
+      n0 = n - setup.truncation_k
+    policy_eps, reference_eps = _eps_closures(setup, ctx, labels, frozen.get("uncond_context"),
+                                              hp["guidance_scale"], frozen["unet"])
+    return sampling.ctrl_trajectory(
+        policy_eps, reference_eps, params, frozen["unet"], frozen["schedule"], timesteps, x_T,
+        k_noise, hp["eta"], grad_mask=grad_mask, num_no_grad_steps=n0, **common)
+
+  noise = sampling.step_noise(k_noise, n, x_T.shape, x_T.dtype)
+  shared = {"unet": frozen["unet"], "schedule": frozen["schedule"], "hparams": hp,
+            "uncond": frozen.get("uncond_context")}
+  ref_flag = jnp.asarray(True) if ref_mask is None else jnp.asarray(ref_mask)
+
+  def local(params, shared, x_T, noise, ctx, labels, k_mask, ref_flag):
+    # Mark the replicated trainable params device-varying here, once: the transpose of that
+    # cast is the psum of their gradient over devices, and it must run outside the per-step
+    # `lax.cond`, whose branch differs between devices (a collective inside it deadlocks).
+    params = jax.lax.pcast(params, shd.DATA, to="varying")
+    device = jax.lax.axis_index(shd.DATA)
+    mask = sampling.device_truncation_mask(k_mask, n, device)
+    policy_eps, reference_eps = _eps_closures(setup, ctx, labels, shared["uncond"],
+                                              shared["hparams"]["guidance_scale"],
+                                              shared["unet"])
+    traj = sampling.ctrl_trajectory(
+        policy_eps, reference_eps, params, shared["unet"], shared["schedule"], timesteps, x_T,
+        k_mask, shared["hparams"]["eta"], grad_mask=mask, noise=noise,
+        **dict(common, reference_grad_mask=None if ref_mask is None else ref_flag))
+    return traj.x0, traj.kl, traj.grad_mask[None]
+
+  data, rep = P(shd.DATA), P()
+  x0, kl, grad_mask = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(rep, rep, data, P(None, shd.DATA), data, data, rep, rep),
+      out_specs=(data, P(None, shd.DATA), data))(
+          params, shared, x_T, noise, ctx, labels, k_mask, ref_flag)
+  return sampling.Trajectory(x0=x0, kl=kl, grad_mask=grad_mask)
+
+
+def _reward(setup: CtrlSetup, frozen: dict, x0: jnp.ndarray, y: jnp.ndarray,
+            prompt: jnp.ndarray, num_dev: int):
+  """(reward [b], aux) of the final latents: decode, then the classifiers; with
+  `reward_remat_policy`, rematerialised in groups of `reward_micro_batch` images per device.
+  Group g holds the samples i with i % S == g (S groups), i.e. the same number on every device
+  of a contiguous data sharding, so no sample changes device."""
+  def reward_of(decoder, reward_params, x0, y, prompt):
+    images = setup.decode_fn(decoder, x0)
+    return setup.reward_fn(reward_params, images, y, prompt)
+
+  if setup.reward_remat_policy is None:
+    return reward_of(frozen.get("decoder"), frozen["reward"], x0, y, prompt)
+  fn = jax.checkpoint(reward_of, policy=sampling.REMAT_POLICIES[setup.reward_remat_policy],
+                      prevent_cse=False)
+  b = x0.shape[0]
+  per_dev = b // num_dev
+  groups = per_dev // setup.reward_micro_batch if setup.reward_micro_batch else 1
+  if groups <= 1 or per_dev % setup.reward_micro_batch:
+    return fn(frozen.get("decoder"), frozen["reward"], x0, y, prompt)
+
+  def split(v):  # [b, ...] → [S, b / S, ...], group g = samples g, g + S, …
+    return jnp.moveaxis(v.reshape((b // groups, groups) + v.shape[1:]), 1, 0)
+
+  def merge(v):  # [S, b / S, ...] → [b, ...]
+    return jnp.moveaxis(v, 0, 1).reshape((b,) + v.shape[2:])
+
+  out = jax.lax.map(lambda a: fn(frozen.get("decoder"), frozen["reward"], *a),
+                    (split(x0), split(y), split(prompt)))
+  return jax.tree_util.tree_map(merge, out)
 
 
 def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup: CtrlSetup,
@@ -149,31 +275,22 @@ def loss_fn(params: dict, frozen: dict, micro_batch: dict, key: jax.Array, setup
   if mesh is not None and mesh.devices.size > 1:
     x_T = jax.lax.with_sharding_constraint(x_T, shd.data_sharded(mesh))
   labels = setup.label_space.encode(micro_batch["y"])
-  policy_eps, reference_eps = eps_functions(setup, frozen, micro_batch["prompt"], labels)
-  n = len(setup.timesteps)
-  grad_mask, n0 = None, 0
-  if setup.truncation == "random":
-    grad_mask = sampling.random_truncation_mask(k_mask, n)
-  elif setup.truncation == "last_k":
-    n0 = n - setup.truncation_k
   ref_mask = None
   if setup.reference_grad and setup.reference_grad_from:
     if step is None:
       raise ValueError("setup.reference_grad_from needs the update number: pass step=.")
     ref_mask = jnp.asarray(step) >= setup.reference_grad_from
-  traj = sampling.ctrl_trajectory(
-      policy_eps, reference_eps, params, frozen["unet"], frozen["schedule"],
-      jnp.asarray(setup.timesteps), x_T, k_noise, hp["eta"], grad_mask=grad_mask,
-      num_no_grad_steps=n0, remat_policy=setup.remat_policy,
-      reference_grad=setup.reference_grad, reference_grad_mask=ref_mask)
-  images = setup.decode_fn(frozen.get("decoder"), traj.x0)
-  reward, aux = setup.reward_fn(frozen["reward"], images, micro_batch["y"],
-                                micro_batch["prompt"])
+  traj = _trajectory(setup, params, frozen, micro_batch, labels, x_T, k_noise, k_mask,
+                     ref_mask, mesh)
+  reward, aux = _reward(setup, frozen, traj.x0, micro_batch["y"], micro_batch["prompt"],
+                        _data_devices(mesh))
   kl = objective.path_kl(traj.kl, setup.num_dims, setup.kl_convention)
   loss = objective.ctrl_loss(reward, kl, hp["gamma"], hp["kl_weight"])
   metrics = {"loss": loss, "reward": jnp.mean(reward), "kl": kl,
              "kl_exact": jnp.mean(jnp.sum(traj.kl, axis=0)),
-             "grad_steps": jnp.sum(traj.grad_mask.astype(jnp.float32))}
+             # differentiated steps per device (mean over devices of per-device masks)
+             "grad_steps": jnp.sum(traj.grad_mask.astype(jnp.float32)) / (
+                 traj.grad_mask.shape[0] if traj.grad_mask.ndim == 2 else 1)}
   if setup.reference_grad_from:
     metrics["exact_kl_grad"] = ref_mask.astype(jnp.float32)
   for name, probs, y in zip(setup.label_space.task_names, aux["probs"],

@@ -87,8 +87,9 @@ def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(
         f"reading the PyTorch pickle {path!r} needs torch, which is not installed. Either use a "
-        "safetensors copy of the same state dict (keys 'layers.N.weight' / 'layers.N.bias'), "
-        "or `pip install torch==2.13.0`.") from e
+        "safetensors copy of the same state dict (made once where torch is installed: `python "
+        "-m ctrl_jax.launch.convert_laion IN.pth OUT.safetensors`), or `pip install "
+        "torch==2.13.0`.") from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(state, Mapping) and "state_dict" in state and isinstance(
       state["state_dict"], Mapping):
@@ -119,6 +120,11 @@ def load_laion_mlp_params(path: str) -> dict:
     state = weights.read_safetensors(path)
   else:
     state = _read_torch_pickle(path)
+  return _laion_params_from_state(state, path)
+
+
+def _laion_params_from_state(state: Mapping[str, Any], path: str) -> dict:
+  """`load_laion_mlp_params` of a state dict read from `path` (named in errors)."""
   expected = {f"layers.{i}.{leaf}" for i in _LAION_LINEAR_INDICES for leaf in ("weight", "bias")}
   missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
   if missing or unexpected:
@@ -138,6 +144,18 @@ def load_laion_mlp_params(path: str) -> dict:
   if mismatched:
     raise ValueError(f"{path!r}: shape mismatches {mismatched}.")
   return params
+
+
+def laion_pth_to_safetensors(pth_path: str, out_path: str) -> None:
+  """Writes the LAION aesthetic MLP `.pth` as a `.safetensors` copy with the same keys
+  ("layers.N.weight" / "layers.N.bias", float32), which `load_laion_mlp_params` reads without
+  torch. Needs torch where it runs (once); the state dict is checked as a load would check it
+  before anything is written. CLI: `python -m ctrl_jax.launch.convert_laion IN.pth OUT`."""
+  if not os.path.exists(pth_path):
+    raise FileNotFoundError(f"LAION aesthetic MLP weights {pth_path!r} do not exist.")
+  state = _read_torch_pickle(pth_path)
+  _laion_params_from_state(state, pth_path)  # exactly the expected keys and shapes
+  weights.write_safetensors(out_path, state)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,9 +11,16 @@ for LoRA, so the frozen UNet parameters are never copied or differentiated.
 At init A ~ N(0, 1/r²), B = 0 and the label table is zero, so the output is bit-identical to
 the pre-trained UNet's for every label. Row K (the last) is the NULL label used by the
 unconditional branch of classifier-free guidance; the optimiser masks its gradient.
+
+Precision: the UNet computes in its activation dtype (`unet.dtype`, e.g. bfloat16); the LoRA
+delta and the label embedding are computed and added in float32 (one rounding of the sum to the
+activation dtype), so a small update is not lost to bfloat16 rounding of the delta itself. The
+KL reference can run in another dtype (`reference_dtype`, official: float32) with the same
+parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any, Optional
@@ -23,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 import ctrl_jax.models  # noqa: F401  (installs the deprecation filter)
+from ctrl_jax.models import attention as attention_lib
+from ctrl_jax.models import remat as remat_lib
 from diffusers import FlaxUNet2DConditionModel
 
 # Attention projections of the UNet's transformer blocks (self: attn1, cross: attn2).
@@ -62,6 +71,20 @@ def dense_paths(params: dict, pattern: str) -> list[tuple[str, ...]]:
   return out
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_options(config) -> dict:
+  """The `AugmentedUNet` keyword arguments a run config sets: `attention` (default naive),
+  `reference_dtype` ("" = the UNet's activation dtype)."""
+  ref = config.get("reference_dtype", "") or None
+  if ref is not None and ref not in DTYPES:
+    raise ValueError(f"config.reference_dtype={ref!r}; expected '' or one of {sorted(DTYPES)}.")
+  return dict(attention=attention_lib.check(config.get("attention", "naive")),
+              reference_dtype=None if ref is None else DTYPES[ref],
+              remat_layers=bool(config.get("remat_layers", False)))
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentedUNet:
   """A pre-trained diffusers Flax UNet with a new label control.
@@ -73,14 +96,23 @@ class AugmentedUNet:
     lora_rank: LoRA rank r; 0 disables LoRA (label embedding only).
     lora_alpha: LoRA scale = lora_alpha / r; None means scale 1 (diffusers' default).
     lora_targets: regex over '/'-joined Dense module paths that get LoRA.
+    attention: attention implementation of every UNet attention layer (models.attention).
+    reference_dtype: activation dtype of the pre-trained reference (`apply_pretrained`); None
+      = the UNet's own dtype.
+    remat_layers: rematerialise every resnet / transformer layer inside a UNet call
+      (models.remat): the backward of one call holds one layer's activations at a time.
   """
   unet: FlaxUNet2DConditionModel
   num_labels: int
   lora_rank: int = 4
   lora_alpha: Optional[float] = None
   lora_targets: str = DEFAULT_LORA_TARGETS
+  attention: str = "naive"
+  reference_dtype: Any = None
+  remat_layers: bool = False
 
   def __post_init__(self):
+    attention_lib.check(self.attention)
     if self.num_labels < 1:
       raise ValueError(f"num_labels must be ≥ 1, got {self.num_labels}.")
     if self.lora_rank < 0:
@@ -131,14 +163,14 @@ class AugmentedUNet:
       path = module.path
       if path == ("time_embedding",):
         emb = next_fun(*args, **kwargs)
-        return emb + table[labels].astype(emb.dtype)
+        return (emb.astype(jnp.float32) + table[labels]).astype(emb.dtype)
       if lora and isinstance(module, nn.Dense):
         node = _get_path(lora, path)
         if node is not None:
           y = next_fun(*args, **kwargs)
-          x = args[0]
-          delta = (x @ node["down"].astype(x.dtype)) @ node["up"].astype(x.dtype)
-          return y + (scale * delta).astype(y.dtype)
+          x = args[0].astype(jnp.float32)
+          delta = (x @ node["down"]) @ node["up"]
+          return (y.astype(jnp.float32) + scale * delta).astype(y.dtype)
       return next_fun(*args, **kwargs)
 
     return interceptor
@@ -157,12 +189,27 @@ class AugmentedUNet:
       ε, [B, C, H, W], in the UNet's activation dtype.
     """
     with nn.intercept_methods(self._interceptor(ctrl_params, labels)):
-      return self.unet.apply({"params": unet_params}, x, t, context, return_dict=False)[0]
+      return self._apply_unet(self.unet, unet_params, x, t, context)
 
   def apply_pretrained(self, unet_params: dict, x: jnp.ndarray, t: jnp.ndarray,
                        context: jnp.ndarray) -> jnp.ndarray:
-    """ε of the plain pre-trained UNet (the KL reference)."""
-    return self.unet.apply({"params": unet_params}, x, t, context, return_dict=False)[0]
+    """ε of the plain pre-trained UNet (the KL reference), in `reference_dtype`."""
+    return self._apply_unet(self.reference_unet, unet_params, x, t, context)
+
+  def _apply_unet(self, unet, unet_params, x, t, context):
+    """unet.apply with the attention implementation and per-layer remat of this model."""
+    with contextlib.ExitStack() as stack:
+      for icpt in (attention_lib.interceptor(self.attention),
+                   remat_lib.interceptor() if self.remat_layers else None):
+        if icpt is not None:
+          stack.enter_context(nn.intercept_methods(icpt))
+      return unet.apply({"params": unet_params}, x, t, context, return_dict=False)[0]
+
+  @property
+  def reference_unet(self) -> FlaxUNet2DConditionModel:
+    if self.reference_dtype is None or self.reference_dtype == self.unet.dtype:
+      return self.unet
+    return self.unet.clone(dtype=self.reference_dtype)
 
   def merge_lora(self, unet_params: dict, ctrl_params: dict) -> dict:
     """UNet parameters with W + scale · A B merged in (for export / fast sampling)."""

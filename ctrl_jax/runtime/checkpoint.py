@@ -92,15 +92,22 @@ class Checkpointer:
 def latest_step(directory: str) -> Optional[int]:
   """The latest finished checkpoint step under `directory` (None: no directory, or nothing
   finished in it), read without creating anything."""
+  steps = all_steps(directory)
+  return steps[-1] if steps else None
+
+
+def all_steps(directory: str) -> list[int]:
+  """Every finished checkpoint step under `directory`, ascending ([]: no directory, or nothing
+  finished in it), read without creating anything."""
   if "://" not in directory:
     if not os.path.isdir(directory):
-      return None
+      return []
     directory = os.path.abspath(directory)
   with _silent_absl():  # a read-only manager warns that it is read-only, on every resume
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
-      return manager.latest_step()
+      return sorted(manager.all_steps())
     finally:
       manager.close()
 

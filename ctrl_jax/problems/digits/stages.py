@@ -188,7 +188,8 @@ def label_space(task: str) -> rewards.LabelSpace:
 
 def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlSetup:
   ls = label_space(config.task)
-  model = augmented.AugmentedUNet(unet, num_labels=ls.num_labels, lora_rank=config.lora_rank)
+  model = augmented.AugmentedUNet(unet, num_labels=ls.num_labels, lora_rank=config.lora_rank,
+                                  **augmented.model_options(config))
   weights = tuple(config.get("reward_weights") or ()) or (1.0,) * len(modules)
   if len(weights) != len(modules):
     raise ValueError(f"config.reward_weights={tuple(weights)}: need one weight per task name "
@@ -199,10 +200,7 @@ def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlS
       model=model, label_space=ls, reward_fn=reward_fn,
       decode_fn=lambda _, x0: digits_model.to_images(x0), latent_shape=(1, 8, 8),
       timesteps=schedules.ddim_timesteps(1000, config.num_inference_steps),
-      use_cfg=config.use_cfg, kl_convention=config.kl_convention, truncation=config.truncation,
-      truncation_k=config.truncation_k, remat_policy=config.remat_policy or None,
-      reference_grad=config.reference_grad,
-      reference_grad_from=config.get("reference_grad_from", 0))
+      **train.setup_options(config))
 
 
 def _assemble(config: ml_collections.ConfigDict, setup: train.CtrlSetup, pre: dict,

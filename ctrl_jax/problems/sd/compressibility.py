@@ -1,5 +1,7 @@
 """The JPEG-compressibility tasks: ground-truth labels from PIL JPEG sizes, and the reward
-classifier p̂(y | x), a small residual CNN with temperature calibration.
+classifier p̂(y | x), a small residual CNN with temperature calibration, in one of two
+architectures (CNN_ARCHS): "official" (the image at full resolution, stride-1 first block, as the
+official CTRL `train_reward_cnn.py`) or "resized" (the image resized to input_size² first).
 
 Ground truth (docs/method.md §6): size = len(JPEG(image, quality 95)) / 1000 in kB, of the
 512×512 RGB image as uint8.
@@ -23,6 +25,8 @@ import optax
 from PIL import Image
 
 from ctrl_jax.core import calibration
+from ctrl_jax.models.aesthetic import CLIP_MEAN
+from ctrl_jax.models.aesthetic import CLIP_STD
 
 JPEG_QUALITY = 95
 # Increasing size edges in kB; a size equal to an edge goes to the smaller-file (higher) class.
@@ -30,6 +34,10 @@ BIN_EDGES_KB = {"compress4": (60.0, 85.0, 110.0), "compress2": (70.0,)}
 NUM_CLASSES = {"compress4": 4, "compress2": 2}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 EVAL_CHUNK = 256  # images per jitted call when resizing / evaluating a whole set
+# Pixels per jitted evaluation call: at 512² (the "official" CNN on full-size images) a chunk of
+# 256 would hold ~17 GB per activation, so chunks shrink to keep this many pixels (256 · 128²).
+EVAL_PIXELS = EVAL_CHUNK * 128 * 128
+CNN_ARCHS = ("official", "resized")
 
 
 def _check_task(task: str) -> None:
@@ -104,61 +112,100 @@ def resize_images(images: jnp.ndarray, size: int) -> jnp.ndarray:
 
 
 class _ResidualBlock(nn.Module):
-  """conv3×3 (stride 2)-BN-relu-conv3×3-BN + BN(conv1×1 stride 2) skip, then relu.
+  """conv3×3 (stride s)-BN-relu-conv3×3-BN + skip, then relu. The skip is BN(conv1×1 stride s)
+  when the stride or the channel count changes, else the identity.
 
-  x [B, H, W, C] → [B, ⌈H/2⌉, ⌈W/2⌉, features].
+  x [B, H, W, C] → [B, ⌈H/s⌉, ⌈W/s⌉, features].
   """
   features: int
+  strides: int = 2
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              dtype=self.dtype)
-    h = nn.Conv(self.features, (3, 3), strides=(2, 2), use_bias=False, dtype=self.dtype)(x)
+    s = (self.strides, self.strides)
+    h = nn.Conv(self.features, (3, 3), strides=s, use_bias=False, dtype=self.dtype)(x)
     h = nn.relu(norm()(h))
     h = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(h)
     h = norm()(h)
-    skip = nn.Conv(self.features, (1, 1), strides=(2, 2), use_bias=False, dtype=self.dtype)(x)
-    return nn.relu(h + norm()(skip))
+    skip = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      skip = nn.Conv(self.features, (1, 1), strides=s, use_bias=False, dtype=self.dtype)(x)
+      skip = norm()(skip)
+    return nn.relu(h + skip)
+
+
+def clip_normalise(images: jnp.ndarray) -> jnp.ndarray:
+  """[B, 3, H, W] in [-1, 1] → clip to [0, 1] → (x − CLIP_MEAN) / CLIP_STD per channel: the
+  official classifier's input (it was trained on CLIP-normalised images; pixels outside
+  [-1, 1] are clipped, as the JPEG ground truth clips them, and carry no gradient)."""
+  x = jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
+  mean = jnp.asarray(CLIP_MEAN, x.dtype)[:, None, None]
+  std = jnp.asarray(CLIP_STD, x.dtype)[:, None, None]
+  return (x - mean) / std
 
 
 class CompressibilityCNN(nn.Module):
-  """Resize to input_size² → stem conv-BN-relu → 3 residual blocks (width·1, 2, 4 channels, each
-  halving the resolution) → global average pool → Dense → logits / temperature.
+  """The compressibility classifier, images [B, 3, H, W] in [-1, 1] → calibrated logits float32
+  [B, num_classes]; differentiable in the images.
 
-  images [B, 3, H, W] in [-1, 1] → calibrated logits float32 [B, num_classes]; differentiable
-  in the images. params["params"]["temperature"] (scalar, init 1) divides the logits:
-  calibration sets it, the optimiser never touches it. train=False (the reward) normalises
-  with the BatchNorm running averages and updates nothing; train=True uses batch statistics
-  and needs mutable=["batch_stats"].
+  arch "official": CLIP-normalise (clip_normalise) → 3 residual blocks at full resolution
+    (width·1 channels stride 1, width·2 stride 2, width·4 stride 2; width 64 is the official
+    64/128/256) → global average pool → Dense. Any H, W; the first convolution sees every
+    pixel, which is where JPEG size lives (fine texture, noise).
+  arch "resized": resize to input_size² (resize_images) → stem conv-BN-relu → 3 residual
+    blocks (width·1, 2, 4 channels, each stride 2) → global average pool → Dense. Cheaper by
+    (H / input_size)² but blind to detail finer than the resize keeps.
+
+  params["params"]["temperature"] (scalar, init 1) divides the logits: calibration sets it,
+  the optimiser never touches it. train=False (the reward) normalises with the BatchNorm
+  running averages and updates nothing; train=True uses batch statistics and needs
+  mutable=["batch_stats"]. input_size is unused by "official".
   """
   num_classes: int
-  width: int = 32
+  width: int = 64
   input_size: int = 128
+  arch: str = "official"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = resize_images(images, self.input_size)
-    x = jnp.transpose(x, (0, 2, 3, 1)).astype(self.dtype)  # NCHW → NHWC
-    x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
-    x = nn.relu(x)
-    for i in range(3):
-      x = _ResidualBlock(self.width * 2 ** i, dtype=self.dtype)(x, train)
+    check_arch(self.arch)
+    if self.arch == "official":
+      x = jnp.transpose(clip_normalise(images), (0, 2, 3, 1)).astype(self.dtype)  # → NHWC
+      strides = (1, 2, 2)
+    else:
+      x = resize_images(images, self.input_size)
+      x = jnp.transpose(x, (0, 2, 3, 1)).astype(self.dtype)  # NCHW → NHWC
+      x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+      x = nn.relu(x)
+      strides = (2, 2, 2)
+    for i, s in enumerate(strides):
+      x = _ResidualBlock(self.width * 2 ** i, strides=s, dtype=self.dtype)(x, train)
     logits = nn.Dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2)))
     temperature = self.param("temperature", nn.initializers.ones, ())
     return logits.astype(jnp.float32) / temperature
 
 
+def check_arch(arch: str, field: str = "arch") -> None:
+  """ValueError naming `field` unless arch is one of CNN_ARCHS."""
+  if arch not in CNN_ARCHS:
+    raise ValueError(f"{field}={arch!r}; expected one of {CNN_ARCHS}.")
+
+
 def init_variables(model: CompressibilityCNN, seed: int) -> dict:
   """Fresh {"params", "batch_stats"} of `model`, deterministic for a seed.
 
+  Initialised on input_size² images for "resized" and on 16² images for "official" (whose
+  parameters do not depend on the image size; a 512² init would only cost compile time).
   Drawn with the "rbg" PRNG: XLA:CPU takes ~20 s to compile the default (partitionable
   threefry) initialisers of this module on a busy 2-core machine and ~4 s for "rbg".
   """
-  images = jnp.zeros((1, 3, model.input_size, model.input_size), jnp.float32)
+  size = model.input_size if model.arch == "resized" else 16
+  images = jnp.zeros((1, 3, size, size), jnp.float32)
   return _init(model, jax.random.key(seed, impl="rbg"), images)
 
 
@@ -227,15 +274,16 @@ def _train_step(model, state, images, labels, *, lr):
 
 def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, *,
                    steps: int = 1000, batch: int = 64, lr: float = 1e-3,
-                   calib_fraction: float = 0.2, width: int = 32,
-                   input_size: int = 128) -> tuple[dict, dict]:
-  """Fits CompressibilityCNN(num_classes, width, input_size) on (images [N, 3, H, W] in
+                   calib_fraction: float = 0.2, width: int = 64, input_size: int = 128,
+                   arch: str = "official") -> tuple[dict, dict]:
+  """Fits CompressibilityCNN(num_classes, width, input_size, arch) on (images [N, 3, H, W] in
   [-1, 1], labels int32 [N] in [0, num_classes)).
 
-  A seeded permutation holds back round(calib_fraction · N) pairs for calibration. The images
-  are resized to input_size² once (the module's own resize is then the identity, so this is
-  the same function the reward applies). Adam minimises cross-entropy on the rest in seeded
-  minibatches (consecutive shuffled epochs) with BatchNorm in train mode; then
+  A seeded permutation holds back round(calib_fraction · N) pairs for calibration. "official"
+  trains on the images as given; "resized" resizes them to input_size² once (the module's own
+  resize is then the identity, so this is the same function the reward applies). Adam
+  minimises cross-entropy on the rest in seeded minibatches (consecutive shuffled epochs) with
+  BatchNorm in train mode; then
   `calibration.fit_temperature` on the held-back logits at T = 1 sets params["params"]
   ["temperature"]. Deterministic for a given seed.
 
@@ -254,27 +302,31 @@ def fit_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, see
                       or not np.all(labels == np.round(labels))):
     raise ValueError(f"labels {labels.shape} must be integers in [0, {num_classes}); got range "
                      f"[{labels.min()}, {labels.max()}].")
+  check_arch(arch)
   labels = labels.astype(np.int32)
   rng = np.random.default_rng(seed)
   cal, fit = calibration.calibration_split(rng, len(images), calib_fraction)
   n_cal = len(cal)
   perm = np.concatenate([cal, fit])
 
-  small = _map_in_chunks(functools.partial(_resize_chunk, size=input_size), images, EVAL_CHUNK)
-  model = CompressibilityCNN(num_classes, width=width, input_size=input_size)
+  if arch == "resized":
+    images = _map_in_chunks(functools.partial(_resize_chunk, size=input_size), images,
+                            EVAL_CHUNK)
+  eval_chunk = max(1, min(EVAL_CHUNK, EVAL_PIXELS // (images.shape[2] * images.shape[3])))
+  model = CompressibilityCNN(num_classes, width=width, input_size=input_size, arch=arch)
   variables = init_variables(model, seed)
   net = {k: v for k, v in variables["params"].items() if k != "temperature"}
   state = {"net": net, "batch_stats": variables["batch_stats"], "opt": optax.adam(lr).init(net)}
   loss = jnp.nan
   for idx in calibration.batch_indices(rng, len(fit), steps, batch):
     chosen = fit[idx]
-    state, loss = _train_step(model, state, jnp.asarray(small[chosen]),
+    state, loss = _train_step(model, state, jnp.asarray(images[chosen]),
                               jnp.asarray(labels[chosen]), lr=lr)
 
   variables = {"params": {**state["net"], "temperature": jnp.ones((), jnp.float32)},
                "batch_stats": state["batch_stats"]}
-  logits = _map_in_chunks(functools.partial(_eval_chunk, model, variables), small[perm],
-                          EVAL_CHUNK)  # at T = 1
+  logits = _map_in_chunks(functools.partial(_eval_chunk, model, variables), images[perm],
+                          eval_chunk)  # at T = 1
   logits_cal, logits_fit = logits[:n_cal], logits[n_cal:]
   temperature, nll_before, nll_after = calibration.fit_temperature(logits_cal, labels[cal])
   variables["params"]["temperature"] = jnp.asarray(temperature, jnp.float32)

@@ -72,6 +72,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config.classifier.laion_weights={k.laion_weights!r} is not a file; download "
           "`sac+logos+ava1-l14-linearMSE.pth` (LAION improved-aesthetic-predictor) and give its "
           "path (or a safetensors copy).")
+  from ctrl_jax.problems.sd import compressibility  # pylint: disable=g-import-not-at-top
+  compressibility.check_arch(k.cnn_arch, "config.classifier.cnn_arch")
   for name in ("aesthetic_data", "compress_data"):
     path = k.get(name, "")
     if path and not os.path.exists(os.path.expanduser(path)):
@@ -246,7 +248,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
       applies.append(aesthetic.classifier_apply(truth_models[0]))
     else:
       applies.append(compressibility.classifier_apply(compressibility.CompressibilityCNN(
-          n, width=k.cnn_width, input_size=k.cnn_input_size)))
+          n, width=k.cnn_width, input_size=k.cnn_input_size, arch=k.cnn_arch)))
 
   def full_params(name, saved):
     # The CLIP tower is the (frozen) ground-truth one: not saved again with the head.
@@ -254,7 +256,9 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
 
   if os.path.exists(info_path):
     info = weights.read_json(info_path)
-    stage.check_same(info["config"], wanted, info_path, "config.classifier")
+    # A stage saved without a cnn_arch field was fitted with the "resized" CNN.
+    stage.check_same(info["config"], wanted, info_path, "config.classifier",
+                     defaults={"cnn_arch": "resized"})
     print(f"[classifier] reusing {stage_dir}", flush=True)
     params = [full_params(name, _load_msgpack(os.path.join(stage_dir, f"{name}.msgpack")))
               for name in ls.task_names]
@@ -302,7 +306,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
       variables, fit = compressibility.fit_classifier(
           images, labels, n, config.seed + t, steps=k.cnn_steps, batch=k.cnn_batch,
           lr=k.cnn_lr, calib_fraction=k.calib_fraction, width=k.cnn_width,
-          input_size=k.cnn_input_size)
+          input_size=k.cnn_input_size, arch=k.cnn_arch)
       fit.update(class_counts=np.bincount(labels, minlength=n).tolist())
       params.append(variables)
       _save_msgpack(os.path.join(stage_dir, f"{name}.msgpack"), variables)
@@ -326,15 +330,13 @@ def build_problem(config: ml_collections.ConfigDict, workdir: str) -> base.Probl
   weights_ = tuple(config.reward_weights) or (1.0,) * ls.num_tasks
   if len(weights_) != ls.num_tasks:
     raise ValueError(f"config.reward_weights={weights_}: need one per task {ls.task_names}.")
-  model = augmented.AugmentedUNet(sd.unet, num_labels=ls.num_labels, lora_rank=config.lora_rank)
+  model = augmented.AugmentedUNet(sd.unet, num_labels=ls.num_labels, lora_rank=config.lora_rank,
+                                  **augmented.model_options(config))
   setup = train.CtrlSetup(
       model=model, label_space=ls, reward_fn=rewards.make_reward_fn(applies, weights_),
       decode_fn=sd_lib.make_decode_fn(sd.vae), latent_shape=sd.latent_shape,
       timesteps=schedules.ddim_timesteps(1000, config.num_inference_steps),
-      use_cfg=config.use_cfg, kl_convention=config.kl_convention, truncation=config.truncation,
-      truncation_k=config.truncation_k, remat_policy=config.remat_policy or None,
-      reference_grad=config.reference_grad,
-      reference_grad_from=config.get("reference_grad_from", 0))
+      **train.setup_options(config))
   contexts = sd_lib.encode_prompts(sd, list(config.prompts))
   uncond = sd_lib.encode_prompts(sd, [""])[0]
   frozen = {"unet": sd.unet_params, "reward": list(cls_params), "decoder": sd.vae_params,
