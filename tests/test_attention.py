@@ -84,7 +84,7 @@ def test_chunked_attention_matches_softmax_closed_form():
   np.testing.assert_allclose(out, want, atol=2e-6)
 
 
-def test_auto_picks_per_layer():
+def test_auto_never_picks_cudnn_on_cpu_and_unknown_names_are_refused():
   q_long = jnp.zeros((1, 4096, 8, 40), jnp.bfloat16)
   assert not attention.cudnn_applies(q_long)  # CPU
   with pytest.raises(ValueError, match="attention='flash'"):

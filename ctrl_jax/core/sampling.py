@@ -221,9 +221,12 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
   backward work):
     * `num_no_grad_steps` (static): the first n steps run in a separate scan with no tangents
       at all (the "last-K" truncation with K = N − n).
-    * `grad_mask` (bool [N], traced): for the remaining steps, a `lax.cond` picks a branch whose
-      ε's are computed on stop-gradiented inputs; its backward is the linear DDIM coefficient on
-      x_t only (CTRL's random truncation: ε stop-gradiented, latents not).
+    * `grad_mask` (bool [N], traced): for the remaining steps, a step whose mask is False has
+      ε stop-gradiented (its backward is the linear DDIM coefficient on x_t only: CTRL's random
+      truncation, latents not stop-gradiented). With remat "nothing_saveable" every model call
+      is a `gated_call` (the cond is in the backward pass only); with any other policy a
+      forward `lax.cond` per step picks the branch, which keeps the loop-invariant inputs of
+      the differentiated branch (the frozen weights) once per step: memory grows with N.
     * `reference_grad_mask` (bool [N], traced; with reference_grad=True): of the steps that
       carry gradient, those where it is False take ε_pre as a constant (no backward through
       the reference model, as reference_grad=False does); a `lax.switch` over three branches.
@@ -292,15 +295,14 @@ def ctrl_trajectory(policy_eps: EpsFn, reference_eps: EpsFn, params: Any, ref_pa
   switch_reference = reference_grad and reference_grad_mask is not None
   # Truncation under full remat: no forward `lax.cond` (see `gated_call`).
   gated = grad_mask is not None and remat_policy == "nothing_saveable"
-  policy_raw, reference_raw = policy_eps_raw, reference_eps_raw
 
   def gated_body(x, inp):
     i, t, t_prev, g, r = inp
     z = noise(i, x)
-    e_new = gated_call(policy_raw, g, (params, x), (t,))
+    e_new = gated_call(policy_eps_raw, g, (params, x), (t,))
     if reference_grad:
       active = g & r if switch_reference else g
-      e_ref = gated_call(lambda x, rp, t: reference_raw(rp, x, t), active, (x,), (ref_params, t))
+      e_ref = gated_call(lambda x, rp, t: reference_eps_raw(rp, x, t), active, (x,), (ref_params, t))
     else:
       e_ref = reference_eps(ref_params, sg(x), t)
     return transition(x, e_new, e_ref, t, t_prev, z)

@@ -213,7 +213,7 @@ def _trajectory(setup: CtrlSetup, params: dict, frozen: dict, micro_batch: dict,
                                               shared["unet"])
     traj = sampling.ctrl_trajectory(
         policy_eps, reference_eps, params, shared["unet"], shared["schedule"], timesteps, x_T,
-        k_mask, shared["hparams"]["eta"], grad_mask=mask, noise=noise,
+        k_mask, shared["hparams"]["eta"], grad_mask=mask, noise=noise,  # noise given: key unused
         **dict(common, reference_grad_mask=None if ref_mask is None else ref_flag))
     return traj.x0, traj.kl, traj.grad_mask[None]
 

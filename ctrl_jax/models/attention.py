@@ -128,12 +128,3 @@ def interceptor(impl: str, query_chunk: int = DEFAULT_QUERY_CHUNK,
     return module.proj_attn(out.reshape(out.shape[:2] + (-1,)))  # dropout: 0, deterministic
 
   return intercept
-
-
-def apply_with(impl: str, fn, *args, **kwargs):
-  """`fn(*args, **kwargs)` with every UNet attention layer run by `impl`."""
-  icpt = interceptor(impl)
-  if icpt is None:
-    return fn(*args, **kwargs)
-  with nn.intercept_methods(icpt):
-    return fn(*args, **kwargs)
