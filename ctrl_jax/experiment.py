@@ -5,9 +5,7 @@ does per step is the pure, jitted `train.make_train_step`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -25,7 +23,9 @@ from ctrl_jax.models import augmented
 from ctrl_jax.problems import base
 from ctrl_jax.runtime import background_compile
 from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import fs
 from ctrl_jax.runtime import loop
+from ctrl_jax.runtime import multihost
 from ctrl_jax.runtime import sharding as shd
 from ctrl_jax.runtime import stage
 
@@ -205,10 +205,10 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
   with both values, a difference in `RESUME_SAFE_FIELDS` only warned about. `num_updates` (and
   `num_epochs`) may change when the learning rates do not depend on it (constant schedule, no
   warm-up)."""
-  path = os.path.join(workdir, "finetune", "config.json")
+  path = fs.join(workdir, "finetune", "config.json")
   now = stage.config_dict(config)
-  if os.path.exists(path) and checkpoint.latest_step(
-      os.path.join(workdir, "finetune", "ckpt")) is not None:
+  if fs.exists(path) and checkpoint.latest_step(
+      fs.join(workdir, "finetune", "ckpt")) is not None:
     saved = stage.read_json(path)
     flat_saved, flat_now = _flatten(saved), _flatten(now)
     diff = {k: (flat_saved.get(k, "(absent)"), flat_now.get(k, "(absent)"))
@@ -225,10 +225,10 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
           f"{workdir!r} holds a CTRL run made with another config ("
           + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in refused.items())
           + "); use a fresh --workdir, or the saved values to resume.")
-    if safe:
+    if safe and multihost.is_main():
       print("[finetune] warning: resuming with changed " + ", ".join(
           f"{k} ({a!r} → {b!r})" for k, (a, b) in safe.items()), file=sys.stderr, flush=True)
-  if jax.process_index() == 0:
+  if multihost.is_main():
     stage.write_json(path, now)
 
 
@@ -255,7 +255,7 @@ def load_finetuned(config: ml_collections.ConfigDict, workdir: str, problem: bas
                    step: int | None = None) -> tuple[dict, int]:
   """(trainable params, update number) of the latest CTRL checkpoint in `workdir`, or of update
   `step` (an epoch's: DIR/finetune/info.json "checkpoints", e.g. multitask epoch 47 → 94)."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "finetune", "ckpt"))
+  ckpt = checkpoint.Checkpointer(fs.join(workdir, "finetune", "ckpt"))
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no CTRL checkpoint in {ckpt.directory}; run "
@@ -320,16 +320,16 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   optimizer = make_optimizer(config)
   micro, num_micro = batch_arithmetic(config, mesh)
   per_epoch = updates_per_epoch(config, mesh)
-  if per_epoch:
+  if per_epoch and multihost.is_main():
     print(f"[finetune] {config.num_updates} updates of {micro * num_micro} trajectories = "
           f"{config.num_updates / per_epoch:g} epochs of {config.samples_per_epoch} "
           f"(epoch e ends at update e × {per_epoch})", flush=True)
   repl = shd.replicated(mesh)
   batch_sharding = shd.data_sharded(mesh, batch_axis=1)
-  key = jax.device_put(jax.random.key(config.seed), repl)
+  key = shd.put(jax.random.key(config.seed), repl)
   background = None
   finished = checkpoint.latest_step(
-      os.path.join(workdir, "finetune", "ckpt")) == config.num_updates
+      fs.join(workdir, "finetune", "ckpt")) == config.num_updates
   hooks = None if problem is not None else base.get(config.problem)
   if (hooks is not None and hooks.abstract is not None and not finished
       and config.get("background_compile", True)):
@@ -358,7 +358,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     step_fn = train.make_train_step(problem.setup, optimizer, mesh)
   t_start = time.time()
   setup = problem.setup
-  frozen = jax.device_put({**problem.frozen, "hparams": train.hparams_from_config(config)}, repl)
+  # Every process built its own copy of the problem: they must agree before they are treated as
+  # one replicated value.
+  multihost.check_same((problem.params, problem.frozen), "the problem's params and frozen inputs")
+  frozen = shd.put({**problem.frozen, "hparams": train.hparams_from_config(config)}, repl)
   state = train.create_train_state(problem.params, optimizer, mesh)
   if background is not None and not background.done():
     print("[finetune] waiting for the train step's background compilation", flush=True)
@@ -369,10 +372,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   def batch_fn(step):
     # Placed explicitly: a multi-process jit refuses numpy inputs with non-trivial shardings
     # (every process computes the same global requests from (seed, step)).
-    return jax.device_put(rewards.sample_requests(config.seed, step, setup.label_space,
+    return shd.put(rewards.sample_requests(config.seed, step, setup.label_space,
                                                   problem.num_prompts, num_micro, micro),
                           batch_sharding)
 
+  multihost.compile_together(step_fn, state, batch_fn(0), key, frozen, name="train step")
   calls = []  # host time after each call: the first includes compilation
   first_call_compiles = []
 
@@ -406,17 +410,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
                                     else None)}
   if measure_memory:
     info["step_memory_bytes"] = step_memory(step_fn, state, batch_fn(0), key, frozen)
-  info_path = os.path.join(workdir, "finetune", "info.json")
-  if start == config.num_updates and os.path.exists(info_path):
+  info_path = fs.join(workdir, "finetune", "info.json")
+  if start == config.num_updates and fs.exists(info_path):
     # Nothing trained: keep the training run's timings, add what this call measured.
-    with open(info_path) as f:
-      kept = json.load(f)
+    kept = fs.read_json(info_path)
     info = {**info, **kept, **{k: info[k] for k in ("trainable_params", "step_memory_bytes")
                                if k in info}}
   info.update(epoch_metadata(config, mesh, checkpoint.all_steps(
-      os.path.join(workdir, "finetune", "ckpt"))))
-  with open(info_path, "w") as f:
-    json.dump(info, f, indent=2)
+      fs.join(workdir, "finetune", "ckpt"))))
+  if multihost.is_main():
+    fs.write_json(info_path, info)
+  multihost.barrier("finetune/info.json")  # the stage is done (its info.json) for every process
   return {"params": state["params"], "state": state, "history": history,
           "wall_time_s": info["wall_time_s"], "start_step": start}
 
@@ -427,11 +431,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: dict | Non
   hooks = base.get(config.problem)
   run_evaluation = base.hook(config.problem, "evaluate")
   for name in hooks.required_stages:
-    if params is None and not os.path.exists(os.path.join(workdir, name, "info.json")):
+    if params is None and not fs.exists(fs.join(workdir, name, "info.json")):
       raise FileNotFoundError(f"{workdir!r} has no finished {name} stage; run "
                               "`python -m ctrl_jax.launch.finetune` with this --workdir first.")
   problem = hooks.build(config, workdir)
   if params is None:
     params, step = load_finetuned(config, workdir, problem)
-    print(f"[eval] fine-tuned params from update {step}", flush=True)
+    if multihost.is_main():
+      print(f"[eval] fine-tuned params from update {step}", flush=True)
   return run_evaluation(config, workdir, problem, params)

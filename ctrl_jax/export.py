@@ -14,6 +14,9 @@ OUT/c_encoder.safetensors  (digits) "c_tokens" float32 [11, 1, D]: row c is the
                      `encoder_hidden_states` of digit c, row 10 the null (unconditional) token.
 OUT/vae, text_encoder, tokenizer, model_index.json  (Stable Diffusion runs; see
                      `ctrl_jax.models.diffusers_export.export_sd_components`).
+
+The workdir may be a URI (gs://…, `ctrl_jax.runtime.fs`); OUT is a local folder (or file://),
+written by process 0 of a multi-process run.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import ml_collections
 
 from ctrl_jax import experiment
 from ctrl_jax.problems import base
+from ctrl_jax.runtime import fs
+from ctrl_jax.runtime import multihost
 
 
 def _publish(tmp: str, out: str, overwrite: bool) -> None:
@@ -45,14 +50,22 @@ def _publish(tmp: str, out: str, overwrite: bool) -> None:
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, out: str,
-           lora_only: bool = False, overwrite: bool = False) -> dict[str, Any]:
+           lora_only: bool = False, overwrite: bool = False) -> dict[str, Any] | None:
   """Exports the latest CTRL checkpoint of `workdir` to `out` through the problem's hook.
 
   The export is written to a temporary sibling folder and moved into place when complete. A
   non-empty `out` is refused unless `overwrite`; then only what an export writes is replaced
-  (other files in `out` are kept).
+  (other files in `out` are kept). `out` must be local (diffusers-style files written by
+  libraries that need a real folder): copy it to a bucket afterwards. Returns the hook's result
+  (paths in `out`); None on the processes other than 0 of a multi-process run (they only
+  restore the checkpoint with it).
   """
   experiment.validate_config(config)
+  local_out = fs.local_path(out)
+  if local_out is None:
+    raise ValueError(f"--out={out!r}: the export folder must be local (copy it to the bucket "
+                     "afterwards, e.g. `gcloud storage cp -r`).")
+  out = local_out
   if os.path.isfile(out):
     raise FileExistsError(f"--out={out!r} is a file; give a folder.")
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -61,7 +74,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str,
   hooks = base.get(config.problem)
   write = base.hook(config.problem, "export")
   for stage in hooks.required_stages:
-    if not os.path.exists(os.path.join(workdir, stage, "info.json")):
+    if not fs.exists(fs.join(workdir, stage, "info.json")):
       raise FileNotFoundError(f"{workdir!r} has no finished {stage} stage; run "
                               "`python -m ctrl_jax.launch.finetune` with this --workdir first.")
   problem = hooks.build(config, workdir)
@@ -69,6 +82,13 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str,
   if "unet" in params:
     raise NotImplementedError("export of full fine-tuning (params['unet']) is not supported; "
                               "CTRL here trains LoRA + label embedding.")
+  # Process 0 writes while the others wait (a failure there is raised on every process).
+  return multihost.main_first("export", lambda: _write(config, workdir, out, problem, params, step,
+                                                      write, lora_only, overwrite))
+
+
+def _write(config, workdir, out, problem, params, step, write, lora_only, overwrite):
+  """The hook's export into a temporary sibling of `out`, then moved into place."""
   tmp = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)

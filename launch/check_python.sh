@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Whether an interpreter is Python >= 3.11 (setup.py's python_requires). Sourced by
-# gpu_single.sh and tpu_vm.sh (the function `check_python`), or run on its own:
+# gpu_single.sh and tpu_vm.sh (the function `check_python`; tpu_vm.sh sends it to every host,
+# after uv's Python 3.11 where REMOTE_PYTHON is older), or run on its own:
 #
 #   launch/check_python.sh [PYTHON [VARIABLE]]
 #

@@ -182,8 +182,8 @@ def test_tiny_multitask_end_to_end(tmp_path, capsys):
   ls = sd_stages.label_space(task)
   n = len(config.eval.prompts) * ls.num_labels * config.eval.samples_per_class
   with np.load(os.path.join(workdir, "eval", "samples.npz")) as f:
-    assert f["images"].shape == (n, 3, 16, 16) and f["y"].shape == (n, ls.num_tasks)
-    assert f["images"].min() >= -1 and f["images"].max() <= 1
+    assert f["images"].shape == (n, 16, 16, 3) and f["y"].shape == (n, ls.num_tasks)
+    assert f["images"].dtype == np.uint8 and f["images"].shape == f["images_pretrained"].shape
   for model in ("finetuned", "pretrained"):
     assert set(metrics[model]["tasks"]) == set(names)
     assert np.asarray(metrics[model]["cell_accuracy"]).shape == (len(config.eval.prompts),

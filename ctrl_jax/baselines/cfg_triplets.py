@@ -20,8 +20,6 @@ Stage outputs (resumable, reused when done; `_n{num_labels}` when a budget is pa
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from typing import Optional
 
@@ -39,7 +37,9 @@ from ctrl_jax.problems.digits import data as digits_data
 from ctrl_jax.problems.digits import model as digits_model
 from ctrl_jax.problems.digits import stages as digits_stages
 from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import fs
 from ctrl_jax.runtime import loop
+from ctrl_jax.runtime import multihost
 from ctrl_jax.runtime import sharding as shd
 from ctrl_jax.runtime import stage
 
@@ -195,9 +195,9 @@ def train_cfg_triplets(config: ml_collections.ConfigDict, workdir: str,
   cfg = cfg_config(config)
   n = int(config.classifier.num_labels if num_labels is None else num_labels)
   name = stage_name(num_labels)
-  stage_dir = os.path.join(workdir, name)
-  info_path = os.path.join(stage_dir, "info.json")
-  config_path = os.path.join(stage_dir, "config.json")
+  stage_dir = fs.join(workdir, name)
+  info_path = fs.join(stage_dir, "info.json")
+  config_path = fs.join(stage_dir, "config.json")
   wanted = {**cfg.to_dict(), "task": config.task, "lora_rank": int(config.lora_rank),
             "num_labels": n, "label_seed": int(config.classifier.label_seed)}
 
@@ -206,18 +206,18 @@ def train_cfg_triplets(config: ml_collections.ConfigDict, workdir: str,
   model = AugmentedUNet(unet, num_labels=label_space.num_labels, lora_rank=config.lora_rank)
   init_params = model.init_ctrl_params(jax.random.key(cfg.seed), pre["unet"])
 
-  if os.path.exists(info_path):
+  if fs.exists(info_path):
     info = stage.read_json(info_path)
     stage.check_same(info["config"], wanted, info_path)
-    print(f"[{name}] reusing {stage_dir}", flush=True)
-    params = checkpoint.load_tree(os.path.join(stage_dir, "params"),
+    if multihost.is_main():
+      print(f"[{name}] reusing {stage_dir}", flush=True)
+    params = checkpoint.load_tree(fs.join(stage_dir, "params"),
                                   jax.eval_shape(lambda: init_params))
     return jax.device_get(params), info
   # Checkpoints of a killed run must belong to this config before they are resumed.
-  if os.path.exists(config_path):
+  if fs.exists(config_path):
     stage.check_same(stage.read_json(config_path), wanted, config_path)
-  else:
-    os.makedirs(stage_dir, exist_ok=True)
+  elif multihost.is_main():
     stage.write_json(config_path, wanted)
 
   t0 = time.time()
@@ -249,15 +249,20 @@ def train_cfg_triplets(config: ml_collections.ConfigDict, workdir: str,
       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
       max_checkpoints=cfg.max_checkpoints)
   params = jax.device_get(state["params"])
-  path = os.path.join(stage_dir, "params")
-  if os.path.exists(path):  # a crash between the save and the marker: rewrite it
-    shutil.rmtree(path)
+  path = fs.join(stage_dir, "params")
+  # A crash between the save and the marker: rewrite it. Every process saves (orbax saves are
+  # collective; process 0 writes the numpy arrays).
+  if multihost.is_main() and fs.exists(path):
+    fs.remove(path)
+  multihost.barrier(f"remove {path}")
   checkpoint.save_tree(path, params)
   counts = np.bincount(label, minlength=label_space.num_labels)
   info = {"config": wanted, "wall_time_s": time.time() - t0, "start_step": start,
           "final_loss": history[-1]["loss"] if history else None,
           "label_counts": counts.tolist(),
           "digit_counts": np.bincount(c, minlength=digits_model.NUM_DIGITS).tolist()}
-  stage.write_json(info_path, info)
-  print(f"[{name}] done in {info['wall_time_s']:.0f}s on {n} triplets", flush=True)
+  if multihost.is_main():
+    stage.write_json(info_path, info)
+    print(f"[{name}] done in {info['wall_time_s']:.0f}s on {n} triplets", flush=True)
+  multihost.barrier(f"write {info_path}")
   return params, info

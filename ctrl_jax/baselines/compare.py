@@ -17,8 +17,6 @@ Outputs: DIR/compare/results.json, results.md and one image grid per method.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from typing import Any, Callable
 
@@ -34,6 +32,8 @@ from ctrl_jax.core import train
 from ctrl_jax.problems.digits import data as digits_data
 from ctrl_jax.problems.digits import evaluation as digits_eval
 from ctrl_jax.problems.digits import stages as digits_stages
+from ctrl_jax.runtime import fs
+from ctrl_jax.runtime import multihost
 from ctrl_jax.runtime import progress
 
 ALL_METHODS = ("pretrained", "ctrl", "dps", "dps_nojac", "classifier_guidance", "cfg_triplets",
@@ -121,13 +121,14 @@ def _save_grid(path: str, images: np.ndarray, c: np.ndarray, label: np.ndarray, 
       count[(cc, ll)] = i + 1
       canvas[cc * 10:cc * 10 + 8, (ll * per_cell + i) * 10:(ll * per_cell + i) * 10 + 8] = img
   big = np.kron(canvas, np.ones((4, 4)))
-  Image.fromarray((np.clip(big, 0, 1) * 255).astype(np.uint8)).save(path)
+  fs.save_image(path, Image.fromarray((np.clip(big, 0, 1) * 255).astype(np.uint8)))
 
 
 class Bench:
   """The comparison's fixed evaluation: the same requests, digit judge and scoring for every
   method (and every study variant, ctrl_jax.baselines.studies), a tuning set with another seed,
-  one image grid per method, results kept in `path` (a rerun skips what is there).
+  one image grid per method, results kept in `path` (a rerun skips what is there). `out_dir` is
+  local or a URI (`ctrl_jax.runtime.fs`); process 0 of a multi-process run writes.
 
   Methods are `fn(c [B], y [B, T], key) -> images [B, 8, 8]`.
   """
@@ -136,7 +137,8 @@ class Bench:
                results_file: str = "results.json"):
     self.config, self.cc = config, compare_config(config)
     self.out_dir = out_dir
-    os.makedirs(out_dir, exist_ok=True)
+    if multihost.is_main():
+      fs.makedirs(out_dir)
     self.setup, self.ls = problem.setup, problem.setup.label_space
     self.frozen = _host({**problem.frozen, "hparams": train.hparams_from_config(config)})
     splits = digits_data.load_splits()
@@ -147,11 +149,10 @@ class Bench:
     self.c_eval, self.y_eval = digits_eval.eval_requests(self.ls, self.cc.samples_per_cell)
     self.c_tune, self.y_tune = digits_eval.eval_requests(self.ls, self.cc.tune_samples_per_cell)
     self.plain = generate.make_sampler(self.setup)
-    self.path = os.path.join(out_dir, results_file)
+    self.path = fs.join(out_dir, results_file)
     self.results: dict[str, Any] = {}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        self.results = json.load(f).get("methods", {})
+    if fs.exists(self.path):
+      self.results = fs.read_json(self.path).get("methods", {})
 
   def sampler(self, params, frozen=None) -> Callable:
     """The plain DDIM(+CFG) sampler of trainable `params` (CTRL's or CFG-on-triplets')."""
@@ -177,14 +178,14 @@ class Bench:
                           self.ls)
     m.update(extra, wall_time_per_100_samples_s=100 * wall / len(self.c_eval))
     label = np.asarray(self.ls.encode(jnp.asarray(self.y_eval)))
-    _save_grid(os.path.join(self.out_dir, f"grid_{name}.png"), imgs, self.c_eval, label,
-               self.ls.num_labels)
     self.results[name] = m
-    with open(self.path, "w") as f:
-      json.dump({"methods": self.results, "config": cc.to_dict(), "task": self.config.task},
-                f, indent=2)
-    print(f"[compare] {name}: y-acc {m['joint_accuracy']:.3f} digit acc "
-          f"{m['digit_accuracy']:.3f} FD {m['frechet_distance']:.3f}", flush=True)
+    if multihost.is_main():  # every process keeps the results; process 0 writes them
+      _save_grid(fs.join(self.out_dir, f"grid_{name}.png"), imgs, self.c_eval, label,
+                 self.ls.num_labels)
+      fs.write_json(self.path, {"methods": self.results, "config": cc.to_dict(),
+                                "task": self.config.task})
+      print(f"[compare] {name}: y-acc {m['joint_accuracy']:.3f} digit acc "
+            f"{m['digit_accuracy']:.3f} FD {m['frechet_distance']:.3f}", flush=True)
     return m
 
   def tune(self, name: str, fn_of_weight: Callable, grid) -> tuple[float, list]:
@@ -237,8 +238,7 @@ def make_method(method: str, config: ml_collections.ConfigDict, workdir: str, be
       step = 0
     if step < config.num_updates:
       params = experiment.finetune(config, workdir, problem)["params"]
-    with open(os.path.join(workdir, "finetune", "info.json")) as f:
-      info = json.load(f)
+    info = fs.read_json(fs.join(workdir, "finetune", "info.json"))
     fn = bench.sampler(params)
     return (lambda c, y, k, w: fn(c, y, k)), {
         "unet_evals_per_sample": evals("ddim"), "training_time_s": info["wall_time_s"],
@@ -282,7 +282,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"config.problem={config.problem!r}: the comparison runs on 'digits'.")
   cc = compare_config(config)
   problem = digits_stages.build_problem(config, workdir)
-  bench = Bench(config, problem, os.path.join(workdir, "compare"))
+  bench = Bench(config, problem, fs.join(workdir, "compare"))
   order = ["pretrained"] + [m for m in ALL_METHODS if m in cc.methods and m != "pretrained"]
   for method in order:
     if method in bench.results:
@@ -295,7 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       w = 0.0
     bench.evaluate(method, lambda c, y, key, fn=fn, w=w: fn(c, y, key, w), info, compiled=tuned)
-  write_table(os.path.join(bench.out_dir, "results.md"), bench.results, bench.ls.num_tasks > 1)
+  write_table(fs.join(bench.out_dir, "results.md"), bench.results, bench.ls.num_tasks > 1)
   return bench.results
 
 
@@ -324,7 +324,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
   if method == "ctrl":
     return experiment.evaluate(config, workdir, params)
   problem = digits_stages.build_problem(config, workdir)
-  bench = Bench(config, problem, os.path.join(workdir, "compare"))
+  bench = Bench(config, problem, fs.join(workdir, "compare"))
   w = float(config.eval.get("weight", -1.0))
   if w < 0:
     if "weight" not in bench.results.get(method, {}):
@@ -339,6 +339,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
 
 
 def write_table(path: str, results: dict, multitask: bool) -> str:
+  """The markdown table of `results`, written to `path` (local or URI) by process 0."""
   head = ["method", "y-acc" if not multitask else "joint acc", "macro-F1 (per task)",
           "digit acc", "Fréchet", "UNet evals / sample", "s / 100 samples", "training s",
           "weight"]
@@ -351,7 +352,7 @@ def write_table(path: str, results: dict, multitask: bool) -> str:
         f"{m['wall_time_per_100_samples_s']:.2f}", f"{m.get('training_time_s', 0.0):.0f}",
         f"{m['weight']:g}" if "weight" in m else "—"]) + " |")
   text = "\n".join(rows) + "\n"
-  with open(path, "w") as f:
-    f.write(text)
-  print(text, flush=True)
+  if multihost.is_main():
+    fs.write_text(path, text)
+    print(text, flush=True)
   return text

@@ -16,12 +16,12 @@ DIR's), trains in DIR/studies/<study>/<variant>/ (resumable like any run) and is
 comparison's fixed evaluation (ctrl_jax.baselines.compare.Bench: same requests, judge and seeds as
 `ctrl_jax.launch.compare`). A variant equal to DIR's own config is DIR's own CTRL run.
 Outputs: DIR/studies/<study>/results.json, results.md, <study>.png and one grid per variant.
+DIR is local or a URI (`ctrl_jax.runtime.fs`); process 0 of a multi-process run writes.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -30,6 +30,8 @@ import ml_collections
 from ctrl_jax import experiment
 from ctrl_jax.baselines import compare
 from ctrl_jax.problems.digits import stages as digits_stages
+from ctrl_jax.runtime import fs
+from ctrl_jax.runtime import multihost
 
 STUDIES = ("labels", "gamma", "lora", "dependent")
 
@@ -100,37 +102,51 @@ def is_base(config: ml_collections.ConfigDict, overrides) -> bool:
 
 def variant_workdir(workdir: str, study: str, variant: Variant,
                     config: ml_collections.ConfigDict) -> str:
-  """DIR for the base variant, else DIR/studies/<study>/<variant> sharing DIR's stages."""
+  """DIR for the base variant, else DIR/studies/<study>/<variant> sharing DIR's stages:
+  symbolic links to them in a local DIR, copies of their outputs in a remote one (object stores
+  have no links)."""
   if is_base(config, variant.overrides):
     return workdir
-  vdir = os.path.join(workdir, "studies", study, variant.name)
-  os.makedirs(vdir, exist_ok=True)
+  vdir = fs.join(workdir, "studies", study, variant.name)
   vconfig = variant_config(config, variant.overrides)
   shared = ["pretrain"]
   if vconfig.classifier.to_dict() == config.classifier.to_dict() and vconfig.task == config.task:
     shared.append("classifier")
-  for stage in shared:
-    link = os.path.join(vdir, stage)
-    if not os.path.lexists(link):
-      os.symlink(os.path.abspath(os.path.join(workdir, stage)), link)
+  if multihost.is_main():
+    fs.makedirs(vdir)
+    for stage in shared:
+      _share_stage(fs.join(workdir, stage), fs.join(vdir, stage))
+  multihost.barrier(f"share stages with {vdir}")
   return vdir
+
+
+def _share_stage(src: str, dst: str) -> None:
+  """Makes the finished stage folder `src` visible as `dst`: a symbolic link (local), or a copy
+  of its outputs without its training checkpoints (ckpt/), info.json last (remote)."""
+  local_src, local_dst = fs.local_path(src), fs.local_path(dst)
+  if local_src is not None and local_dst is not None:
+    if not os.path.lexists(local_dst):
+      os.symlink(os.path.abspath(local_src), local_dst)
+    return
+  if fs.exists(fs.join(dst, "info.json")):
+    return
+  names = [f for f in fs.walk_files(src)
+           if f.split("/")[0] != "ckpt" and f != "info.json"] + ["info.json"]
+  for name in names:
+    fs.write_bytes(fs.join(dst, name), fs.read_bytes(fs.join(src, name)))
 
 
 def _ctrl(bench: compare.Bench, vconfig, vdir: str) -> tuple[Any, dict]:
   problem = digits_stages.build_problem(vconfig, vdir)
-  info_path = os.path.join(vdir, "finetune", "info.json")
+  info_path = fs.join(vdir, "finetune", "info.json")
   try:
     params, step = experiment.load_finetuned(vconfig, vdir, problem)
   except FileNotFoundError:
     step = 0
-  info = {}
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      info = json.load(f)
+  info = fs.read_json(info_path) if fs.exists(info_path) else {}
   if step < vconfig.num_updates or "flops" not in (info.get("step_memory_bytes") or {}):
     params = experiment.finetune(vconfig, vdir, problem, measure_memory=True)["params"]
-    with open(info_path) as f:
-      info = json.load(f)
+    info = fs.read_json(info_path)
   extra = {"training_time_s": info["wall_time_s"],
            "seconds_per_update": info.get("seconds_per_update"),
            "trainable_params": info.get("trainable_params"),
@@ -144,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
   if config.problem != "digits":
     raise ValueError(f"config.problem={config.problem!r}: the studies run on 'digits'.")
   vs = variants(config, study)
-  out_dir = os.path.join(workdir, "studies", study)
+  out_dir = fs.join(workdir, "studies", study)
   problem = digits_stages.build_problem(config, workdir)  # DIR's stages first (shared)
   bench_config = config
   if study == "dependent":  # another task: scored by its own label rule (the first variant's)
@@ -176,8 +192,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
                    compiled=v.method == "cfg_triplets")  # its tuning compiled the sampler
   results = {v.name: bench.results[v.name] for v in vs}
   results["pretrained"] = bench.results["pretrained"]
-  write_table(os.path.join(out_dir, "results.md"), study, vs, results)
-  plot(os.path.join(out_dir, f"{study}.png"), study, vs, results, config.task)
+  write_table(fs.join(out_dir, "results.md"), study, vs, results)
+  plot(fs.join(out_dir, f"{study}.png"), study, vs, results, config.task)
   return results
 
 
@@ -197,6 +213,7 @@ def _classifier_acc(m: dict) -> str:
 
 
 def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
+  """The markdown table of a study's `results`, written to `path` (local or URI) by process 0."""
   head = ["variant", "method", "value", "y-acc", "digit acc", "Fréchet", "training s",
           "s / update", "GFLOP / update", "trainable params", "step memory MiB",
           "reward classifier held-out acc"]
@@ -215,13 +232,16 @@ def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
         _mib(m),
         _classifier_acc(m)]) + " |")
   text = "\n".join(rows) + "\n"
-  with open(path, "w") as f:
-    f.write(text)
-  print(f"[study/{study}]\n{text}", flush=True)
+  if multihost.is_main():
+    fs.write_text(path, text)
+    print(f"[study/{study}]\n{text}", flush=True)
   return text
 
 
 def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = "") -> None:
+  """The study's figure, written to `path` (local or URI) by process 0."""
+  if not multihost.is_main():
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -284,5 +304,6 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
     raise ValueError(study)
   fig.suptitle(f"digits {task} — study: {study}", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  # pylint: disable-next=g-import-not-at-top
+  from ctrl_jax.problems.digits import plots as digits_plots
+  digits_plots.save_figure(path, fig)

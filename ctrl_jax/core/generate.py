@@ -8,11 +8,18 @@ import numpy as np
 
 from ctrl_jax.core import sampling
 from ctrl_jax.core import train
+from ctrl_jax.runtime import multihost
 from ctrl_jax.runtime import progress
+from ctrl_jax.runtime import sharding as shd
 
 
 def make_sampler(setup: train.CtrlSetup):
-  """Jitted `sample(params, frozen, c [B], y [B, T], key) -> images (decoded x0)`.
+  """`jax.jit(sample_fn(setup))`."""
+  return jax.jit(sample_fn(setup))
+
+
+def sample_fn(setup: train.CtrlSetup):
+  """`sample(params, frozen, c [B], y [B, T], key) -> images (decoded x0)`.
 
   params = trainable CTRL params. The pre-trained model is sampled with the *initial* params
   (zero label table, zero LoRA up-projections), whose output is bit-identical to the frozen
@@ -30,7 +37,7 @@ def make_sampler(setup: train.CtrlSetup):
                               frozen["hparams"]["eta"])
     return setup.decode_fn(frozen.get("decoder"), x0)
 
-  return jax.jit(sample)
+  return sample
 
 
 def sample_all(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
@@ -49,3 +56,52 @@ def sample_all(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
     out.append(np.asarray(imgs)[:min(batch_size, n - start)])
     bar.update(i + 1)
   return np.concatenate(out).astype(np.float32)
+
+
+def make_sharded_sampler(setup: train.CtrlSetup, mesh):
+  """`make_sampler`'s function jitted over `mesh`: requests and images split over the 'data'
+  axis, params / frozen inputs / key replicated (every process of a multi-host run samples its
+  share of each chunk)."""
+  repl, data = shd.replicated(mesh), shd.data_sharded(mesh)
+  return shd.jit(sample_fn(setup), mesh, in_shardings=(repl, repl, data, data, repl),
+                 out_shardings=data)
+
+
+def sample_shares(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
+                  batch_size: int, name: str, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """`sample_all` over the mesh (`make_sharded_sampler`): chunk i uses fold_in(key(seed), i), as
+  there; `batch_size` is rounded up to a multiple of the device count. Returns this process's
+  share: (images float32 [M, ...], their request positions int [M]); positions ≥ len(c) are
+  the padding of the last chunk (every process gets the same M, so shares can be gathered)."""
+  n, d = len(c), mesh.size
+  batch_size = -(-batch_size // d) * d
+  repl, data = shd.replicated(mesh), shd.data_sharded(mesh)
+  params, frozen = shd.put(params, repl), shd.put(frozen, repl)
+  images, positions = [], []
+  first = np.arange(batch_size) % n
+  multihost.compile_together(sampler, params, frozen, shd.put(np.asarray(c[first]), data),
+                             shd.put(np.asarray(y[first]), data),
+                             shd.put(jax.random.key(seed), repl), name=f"sampler {name}")
+  bar = progress.Progress(f"eval/{name}", -(-n // batch_size))
+  for i, start in enumerate(range(0, n, batch_size)):
+    idx = np.arange(start, start + batch_size) % n
+    out = sampler(params, frozen, shd.put(np.asarray(c[idx]), data),
+                  shd.put(np.asarray(y[idx]), data),
+                  shd.put(jax.random.fold_in(jax.random.key(seed), i), repl))
+    for shard in sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0):
+      rows = range(*shard.index[0].indices(batch_size))
+      images.append(np.asarray(shard.data, np.float32))
+      positions.append(start + np.asarray(rows))
+    bar.update(i + 1)
+  return np.concatenate(images), np.concatenate(positions)
+
+
+def gather_shares(tree: dict, positions: np.ndarray, n: int) -> dict:
+  """Every process's share of per-request arrays (`sample_shares` positions), gathered on every
+  process, in request order, padding dropped."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    tree, positions = multihost_utils.process_allgather((tree, positions), tiled=True)
+  keep = np.flatnonzero(positions < n)
+  order = keep[np.argsort(positions[keep], kind="stable")]
+  return jax.tree_util.tree_map(lambda a: np.asarray(a)[order], tree)

@@ -388,7 +388,7 @@ def create_train_state(params: dict, optimizer: optax.GradientTransformation,
   params = jax.tree_util.tree_map(jnp.array, params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
   if mesh is not None:
-    state = jax.device_put(state, shd.replicated(mesh))
+    state = shd.put(state, shd.replicated(mesh))
   return state
 
 

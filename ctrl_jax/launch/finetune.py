@@ -15,6 +15,7 @@ from absl import flags  # noqa: E402
 from ctrl_jax import experiment  # noqa: E402
 from ctrl_jax.baselines import compare  # noqa: E402
 from ctrl_jax.launch import common  # noqa: E402
+from ctrl_jax.runtime import multihost  # noqa: E402
 
 flags.adopt_module_key_flags(common)  # --config and --workdir in --help
 
@@ -24,7 +25,8 @@ def finetune_and_evaluate(config, workdir):
   if evaluate:
     compare.validate_eval_method(config)  # before any work, not after training
   out = experiment.finetune(config, workdir)
-  print(f"[finetune] done in {out['wall_time_s']:.1f}s; outputs in {workdir}", flush=True)
+  if multihost.is_main():
+    print(f"[finetune] done in {out['wall_time_s']:.1f}s; outputs in {workdir}", flush=True)
   if evaluate:
     compare.evaluate_run(config, workdir, out["params"])
 

@@ -22,7 +22,7 @@ class ClipScorer:
     from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
     from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
     from transformers import FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
-    folder = weights.resolve_folder(folder)
+    folder = weights.resolve_folder(folder, weights.CLIP_FILES)
     config = CLIPConfig.from_pretrained(folder)
     self.vision, self.vision_params = aesthetic.load_clip_vision(folder)
     self.text = FlaxCLIPTextModel(config.text_config, _do_init=False)

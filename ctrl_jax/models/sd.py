@@ -18,9 +18,18 @@ from ctrl_jax.models import diffusers_export
 from ctrl_jax.models import unet as unet_lib
 from ctrl_jax.models import weights
 
-SD_FILES = ["unet/*.json", "unet/diffusion_pytorch_model.safetensors", "vae/*.json",
-            "vae/diffusion_pytorch_model.safetensors", "text_encoder/*.json",
-            "text_encoder/model.safetensors", "tokenizer/*", "scheduler/*", "model_index.json"]
+# What a hub download of Stable Diffusion fetches (`weights.resolve_folder`; fnmatch patterns as
+# huggingface_hub matches them): exactly what `load_sd` opens, each component's config and
+# float32 PyTorch safetensors (whole, or the shards its .index.json names) and the tokenizer's
+# json + txt files; not the repository's .bin / .ckpt / .msgpack / .onnx / fp16 / non-EMA copies,
+# single-file checkpoints, safety checker, feature extractor or scheduler (CTRL uses its own).
+SD_FILES = ("unet/*.json", "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model-?????-of-?????.safetensors",
+            "vae/*.json", "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model-?????-of-?????.safetensors",
+            "text_encoder/*.json", "text_encoder/model.safetensors",
+            "text_encoder/model-?????-of-?????.safetensors",
+            "tokenizer/*.json", "tokenizer/*.txt")
 
 
 def sd15_unet_config() -> dict:
@@ -61,7 +70,7 @@ def load_sd(path_or_hub_id: str, dtype: Any = jnp.float32) -> SDComponents:
         f"pretrained_model={path_or_hub_id!r}: {folder!r} lacks {missing}; expected a diffusers "
         "Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/), e.g. "
         "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "
-        "'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'scheduler/*' --local-dir DIR`.")
+        f"{' '.join(repr(p) for p in SD_FILES)} --local-dir DIR`.")
   unet, unet_params = weights.load_unet(folder, dtype=dtype)
   vae, vae_params = weights.load_vae(folder, dtype=dtype)
   te, te_params = weights.load_text_encoder(folder, dtype=dtype)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Optional
+import shlex
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,15 @@ WEIGHT_FILES = {
     "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
     "text_encoder": ("flax_model.msgpack", "model.safetensors"),
 }
+
+# What a hub download fetches (`resolve_folder`'s huggingface_hub allow_patterns, fnmatch against
+# the repository's paths): only the files the loaders open, in the one weight format they read
+# first (PyTorch safetensors, whole or sharded), never the .bin / .msgpack / .h5 / .onnx / fp16
+# copies of the same weights. A CLIP folder (`openai/clip-vit-large-patch14`: aesthetic.py's
+# vision tower, clip_score.py's two towers and slow CLIPTokenizer):
+CLIP_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+              "model-?????-of-?????.safetensors", "vocab.json", "merges.txt",
+              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 # PyTorch-only UNet / VAE config fields and the value diffusers' Flax models implicitly use: a
 # PyTorch config with another value describes a model the Flax classes cannot represent.
@@ -131,8 +141,10 @@ def flax_to_torch_config(module, class_name: str, extra: Optional[dict] = None) 
   return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **cfg}
 
 
-def resolve_folder(path_or_hub_id: str, allow_patterns: Optional[list[str]] = None) -> str:
-  """A local diffusers folder as is; otherwise a hub id, downloaded (needs network).
+def resolve_folder(path_or_hub_id: str, allow_patterns: Sequence[str] = CLIP_FILES) -> str:
+  """A local folder as is; otherwise a hub id, downloaded (needs network; cached by
+  huggingface_hub, so once per machine) with only the files matching `allow_patterns`
+  (`CLIP_FILES` by default, `sd.SD_FILES` for Stable Diffusion).
 
   Raises FileNotFoundError saying what to download and where to put it when offline.
   """
@@ -143,14 +155,14 @@ def resolve_folder(path_or_hub_id: str, allow_patterns: Optional[list[str]] = No
                             "it is not a hub id of the form 'owner/name').")
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-    return snapshot_download(path_or_hub_id, allow_patterns=allow_patterns)
+    return snapshot_download(path_or_hub_id, allow_patterns=list(allow_patterns))
   except Exception as e:  # pylint: disable=broad-except  (offline, unknown repo, no auth, ...)
+    include = " ".join(shlex.quote(p) for p in allow_patterns)
     raise FileNotFoundError(
         f"could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: "
         f"{e}). On a machine with network run `huggingface-cli download {path_or_hub_id} "
-        "--include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'scheduler/*' "
-        "'model_index.json' --local-dir <DIR>` (only *.safetensors + *.json are needed), copy "
-        "<DIR> here and pass its path instead of the hub id.") from e
+        f"--include {include} --local-dir <DIR>`, copy <DIR> here and pass its path instead "
+        "of the hub id.") from e
 
 
 def _component_folder(path: str, subfolder: Optional[str], component: str) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -14,14 +12,14 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from ctrl_jax.runtime import fs
+
 
 class Checkpointer:
   """Saves / restores a state pytree under `directory` (local path or gs://...)."""
 
   def __init__(self, directory: str, max_to_keep: Optional[int] = 3):
-    if "://" not in directory:
-      directory = os.path.abspath(directory)
-    self.directory = directory
+    self.directory = fs.orbax_path(directory)
     self._max_to_keep = max_to_keep
     self._manager = self._open()
 
@@ -68,10 +66,9 @@ class Checkpointer:
     raise FileNotFoundError(f"no checkpoint in {self.directory} restores")
 
   def _move_aside(self, step: int) -> str:
-    dest = os.path.join(self.directory + "_broken", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dest = fs.join(self.directory + "_broken", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), dest)
+      fs.move(fs.join(self.directory, str(step)), dest)
     self._manager.close()
     self._manager = self._open()
     return dest
@@ -99,10 +96,9 @@ def latest_step(directory: str) -> Optional[int]:
 def all_steps(directory: str) -> list[int]:
   """Every finished checkpoint step under `directory`, ascending ([]: no directory, or nothing
   finished in it), read without creating anything."""
-  if "://" not in directory:
-    if not os.path.isdir(directory):
-      return []
-    directory = os.path.abspath(directory)
+  if not fs.isdir(directory):
+    return []
+  directory = fs.orbax_path(directory)
   with _silent_absl():  # a read-only manager warns that it is read-only, on every resume
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
@@ -132,14 +128,14 @@ def _silent_absl():
 def save_tree(path: str, tree: Any) -> None:
   """Saves a pytree of arrays to `path` (an orbax directory; must not exist yet)."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path) if "://" not in path else path, tree)
+    ckptr.save(fs.orbax_path(path), tree)
 
 
 def load_tree(path: str, target: Any) -> Any:
   """Loads a pytree saved by `save_tree`, with the structure and dtypes of `target` (arrays or
   `jax.ShapeDtypeStruct`s; without a target orbax returns plain dicts and loses key types)."""
-  if "://" not in path and not os.path.isdir(path):
+  if not fs.isdir(path):
     raise FileNotFoundError(f"no saved tree at {path!r}.")
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(path) if "://" not in path else path, abstract)
+    return ckptr.restore(fs.orbax_path(path), abstract)

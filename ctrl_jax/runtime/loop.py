@@ -8,7 +8,6 @@ an uninterrupted run ends.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any, Callable, Optional, Sequence
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 
 from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import fs
 from ctrl_jax.runtime import progress
 
 # Stop after this many updates in a row were skipped for a non-finite loss, gradient or result
@@ -86,14 +86,15 @@ def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tupl
   to start background work that should not compete with this stage's compilation.
   Returns (final state, logged history, step the run started from).
   """
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, stage, "ckpt"),
+  ckpt = checkpoint.Checkpointer(fs.join(workdir, stage, "ckpt"),
                                  max_to_keep=max_checkpoints)
   writer = progress.ScalarWriter(workdir, stage)
   start = 0
   if ckpt.latest_step():
     state, start = ckpt.restore_latest(state)
     writer.truncate_after(start)
-    print(f"[{stage}] resumed from {ckpt.directory}/{start}", flush=True)
+    if jax.process_index() == 0:
+      print(f"[{stage}] resumed from {ckpt.directory}/{start}", flush=True)
   bar = progress.Progress(stage, num_steps, start)
   skips = 0
   try:

@@ -1,10 +1,12 @@
 """Progress output with ETA, and scalar logging to JSONL + TensorBoard event files."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Optional
+
+import jax
+
+from ctrl_jax.runtime import fs
 
 
 def _fmt_seconds(s: float) -> str:
@@ -38,49 +40,46 @@ class Progress:
     else:
       parts.append(f"(first step incl. compile: {now - self.t_begin:.1f}s)")
     line = "  ".join(parts)
-    print(line, flush=True)  # stdout only: absl's logging would print every line twice
+    if jax.process_index() == 0:  # one copy of the progress of a multi-process run
+      print(line, flush=True)  # stdout only: absl's logging would print every line twice
     return line
 
 
 class ScalarWriter:
-  """Writes scalars to `workdir/<name>.jsonl` and TensorBoard events in `workdir/tb/<name>`.
+  """Writes scalars to `workdir/<name>.jsonl` and TensorBoard events in `workdir/tb/<name>`
+  (local or remote workdir, `fs`); in a multi-process run only process 0 writes.
 
-  On resume, `truncate_after(step)` drops JSONL lines written after the restored checkpoint,
-  so the log of a resumed run equals that of an uninterrupted one.
+  The JSONL file is rewritten whole at each write (object stores cannot append). On resume,
+  `truncate_after(step)` drops rows written after the restored checkpoint, so the log of a
+  resumed run equals that of an uninterrupted one.
   """
 
   def __init__(self, workdir: str, name: str):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self.path = fs.join(workdir, f"{name}.jsonl")
     self._tb = None
-    self._tb_dir = os.path.join(workdir, "tb", name)
+    self._tb_dir = fs.join(workdir, "tb", name)
+    self._writes = jax.process_index() == 0
+    self._rows = fs.read_jsonl(self.path) if self._writes else []
 
   def truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      rows = [json.loads(l) for l in f if l.strip()]
-    with open(self.path, "w") as f:
-      for r in rows:
-        if r["step"] <= step:
-          f.write(json.dumps(r) + "\n")
+    if self._writes and any(r["step"] > step for r in self._rows):
+      self._rows = [r for r in self._rows if r["step"] <= step]
+      fs.write_jsonl(self.path, self._rows)
 
   def write(self, step: int, scalars: dict) -> None:
-    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if not self._writes:
+      return
+    self._rows.append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+    fs.write_jsonl(self.path, self._rows)
     if self._tb is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(self._tb_dir)
+      self._tb = fs.summary_writer(self._tb_dir)
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), int(step))
     self._tb.flush()
 
   def read(self) -> list[dict]:
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path) as f:
-      return [json.loads(l) for l in f if l.strip()]
+    """The rows written so far (every process: read from the workdir)."""
+    return list(self._rows) if self._writes else fs.read_jsonl(self.path)
 
   def close(self) -> None:
     if self._tb is not None:

@@ -48,3 +48,26 @@ def jit(fun, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()):
     return jax.jit(fun, donate_argnums=donate_argnums)
   return jax.jit(fun, in_shardings=in_shardings, out_shardings=out_shardings,
                  donate_argnums=donate_argnums)
+
+
+def put(tree, sharding: jax.sharding.Sharding):
+  """`tree` placed with `sharding` (one sharding for every leaf), in any number of processes.
+
+  One process: `jax.device_put`. Several (multi-host): every process holds the same global
+  value on the host (built from the same seed, step or files) and each array is assembled from
+  the process-local shards (`jax.make_array_from_callback`); `device_put` of a host value onto
+  another process's devices is refused by jax. Global arrays are resharded by a jitted identity.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree_util.tree_map(lambda x: _global(x, sharding), tree)
+
+
+def _global(x, sharding: jax.sharding.Sharding):
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_global(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x if x.sharding == sharding else jax.jit(lambda a: a, out_shardings=sharding)(x)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

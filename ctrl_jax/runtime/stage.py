@@ -8,19 +8,16 @@ from typing import Any, Optional
 
 import ml_collections
 
+from ctrl_jax.runtime import fs
+
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return fs.read_json(path)
 
 
 def write_json(path: str, obj: Any, sort_keys: bool = False) -> None:
-  """Writes `obj` to `path` through a temporary file: a crash never leaves a half-written file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=sort_keys)
-  os.replace(tmp, path)
+  """Writes `obj` to `path` (local or remote) whole: a crash never leaves a half-written file."""
+  fs.write_json(path, obj, sort_keys=sort_keys)
 
 
 def config_dict(c: ml_collections.ConfigDict) -> dict:

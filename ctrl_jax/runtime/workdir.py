@@ -9,22 +9,21 @@ import sys
 import time
 from typing import Optional
 
+from ctrl_jax.runtime import fs
+
 
 class WorkdirError(ValueError):
   """The workdir cannot be used (a file, not writable, locked by another run)."""
 
 
-def is_remote(path: str) -> bool:
-  return "://" in path
-
-
 def check(path: str) -> None:
   """Creates `path` if missing; raises WorkdirError naming it if it is not a writable folder.
-  Remote paths (gs://…) are left to the storage client."""
+  Remote paths (gs://…) are left to the storage client; file:// is a local path."""
   if not path:
     raise WorkdirError("--workdir is empty; give a folder for checkpoints, logs and outputs.")
-  if is_remote(path):
+  if fs.is_remote(path):
     return
+  path = fs.local_path(path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"--workdir={path!r} is a file, not a folder.")
   try:
@@ -42,7 +41,8 @@ class Lock:
   other processes of a multi-process run: they work on the run process 0 holds)."""
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self.path = None if is_remote(workdir) or not enabled else os.path.join(workdir, ".lock")
+    local = fs.local_path(workdir)
+    self.path = None if local is None or not enabled else os.path.join(local, ".lock")
     self._fd: Optional[int] = None
 
   def __enter__(self) -> "Lock":

@@ -2,12 +2,12 @@
 pre-trained model with the same seeds, judge the samples with the true label rule and an
 independent digit judge, and write samples, metrics, image grids and training curves.
 
-Outputs in DIR/eval/: samples.npz, metrics.json, summary.md, grid.png, cells.png, curves.png.
+Outputs in DIR/eval/: samples.npz, metrics.json, summary.md, grid.png, cells.png, curves.png
+(DIR local or a URI, `ctrl_jax.runtime.fs`; written by process 0 of a multi-process run).
 """
 from __future__ import annotations
 
-import json
-import os
+import io
 import time
 from typing import Any, Callable, Optional
 
@@ -23,6 +23,8 @@ from ctrl_jax.core import train
 from ctrl_jax.problems import base
 from ctrl_jax.problems.digits import data as digits_data
 from ctrl_jax.problems.digits import model as digits_model
+from ctrl_jax.runtime import fs
+from ctrl_jax.runtime import multihost
 
 
 def eval_requests(label_space: rewards.LabelSpace, samples_per_cell: int
@@ -90,8 +92,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, problem: base.Prob
   names it in the figures and metrics.
   """
   t0 = time.time()
-  out_dir = os.path.join(workdir, out_name)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = fs.join(workdir, out_name)
+  writes = multihost.is_main()
+  if writes:
+    fs.makedirs(out_dir)
   setup = problem.setup
   sampler = generate.make_sampler(setup)
   method_sampler = method_sampler or sampler
@@ -121,23 +125,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, problem: base.Prob
   metrics["cells"] = cell_names(setup.label_space)
   metrics["config"] = {"variant": config.get("variant", ""), "task": config.task,
                        "method": "ctrl" if title is None else title}
-  np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images["finetuned"], c=c,
-                      y=y[:, 0] if y.shape[1] == 1 else y,
-                      images_pretrained=images["pretrained"])
+  if writes:
+    buf = io.BytesIO()  # compressed, which fs.save_npz is not
+    np.savez_compressed(buf, images=images["finetuned"], c=c,
+                        y=y[:, 0] if y.shape[1] == 1 else y,
+                        images_pretrained=images["pretrained"])
+    fs.write_bytes(fs.join(out_dir, "samples.npz"), buf.getvalue())
   metrics["wall_time_s"] = stage_wall_times(workdir)
   metrics["wall_time_s"]["eval"] = time.time() - t0
-  # matplotlib only when figures are drawn  # pylint: disable-next=g-import-not-at-top
-  from ctrl_jax.problems.digits import plots as digits_plots
-  digits_plots.save_grid(os.path.join(out_dir, "grid.png"), images, c, y, setup.label_space,
-                         e.grid_samples, metrics, title)
-  digits_plots.save_cell_tables(os.path.join(out_dir, "cells.png"), metrics, title)
-  digits_plots.save_curves(os.path.join(out_dir, "curves.png"),
-                           os.path.join(workdir, "finetune.jsonl"), setup.label_space.task_names)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(summary_table(metrics))
-  print(summary_table(metrics), flush=True)
+  if writes:
+    # matplotlib only when figures are drawn  # pylint: disable-next=g-import-not-at-top
+    from ctrl_jax.problems.digits import plots as digits_plots
+    digits_plots.save_grid(fs.join(out_dir, "grid.png"), images, c, y, setup.label_space,
+                           e.grid_samples, metrics, title)
+    digits_plots.save_cell_tables(fs.join(out_dir, "cells.png"), metrics, title)
+    digits_plots.save_curves(fs.join(out_dir, "curves.png"),
+                             fs.join(workdir, "finetune.jsonl"), setup.label_space.task_names)
+    fs.write_json(fs.join(out_dir, "metrics.json"), metrics)
+    fs.write_text(fs.join(out_dir, "summary.md"), summary_table(metrics))
+    print(summary_table(metrics), flush=True)
+  multihost.barrier(f"{out_name} written")  # the evaluation is done for every process
   return metrics
 
 
@@ -145,10 +152,9 @@ def stage_wall_times(workdir: str) -> dict:
   """Wall time of each completed stage, from its info.json."""
   out = {}
   for stage in ("pretrain", "classifier", "finetune"):
-    path = os.path.join(workdir, stage, "info.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        out[stage] = json.load(f)["wall_time_s"]
+    path = fs.join(workdir, stage, "info.json")
+    if fs.exists(path):
+      out[stage] = fs.read_json(path)["wall_time_s"]
   return out
 
 

@@ -1,6 +1,7 @@
 """Export of a digits CTRL run: the UNet (merged, or pre-trained + `ctrl_lora.safetensors`), the
 c-token table (`c_encoder.safetensors`, the digits model's text encoder), the DDIM scheduler and
-`ctrl_labels.json` (the ink / edge bins of the label rule). Layout: `ctrl_jax.export`."""
+`ctrl_labels.json` (the ink / edge bins of the label rule). Layout: `ctrl_jax.export`. `out` is a
+local folder (diffusers-style files written by `ctrl_jax.models`); the workdir may be a URI."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ from ctrl_jax.models import diffusers_export
 from ctrl_jax.models import weights
 from ctrl_jax.problems import base
 from ctrl_jax.problems.digits import data as digits_data
+from ctrl_jax.runtime import fs
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, out: str, problem: base.Problem,
@@ -46,7 +48,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str, problem: b
       rule.names, rule.classes, class_names=names, bin_edges=rule.edges,
       guidance_scale=config.guidance_scale, eta=config.eta,
       num_inference_steps=config.num_inference_steps, extra={
-          "source": {"workdir": os.path.abspath(workdir), "ctrl_step": step,
+          # an absolute local path, or the URI (gs://…) as is
+          "source": {"workdir": fs.orbax_path(workdir), "ctrl_step": step,
                      "config_variant": config.get("variant")},
           "lora_only": lora_only,
           "images": "x in [-1, 1], [B, 1, 8, 8]; image = clip((x + 1) / 2, 0, 1)",

@@ -1,7 +1,8 @@
-"""PNG figures of a digits evaluation: sample grids, per-cell accuracy tables, training curves."""
+"""PNG figures of a digits evaluation: sample grids, per-cell accuracy tables, training curves.
+Paths are local or URIs (`ctrl_jax.runtime.fs`)."""
 from __future__ import annotations
 
-import json
+import io
 import os
 
 import matplotlib
@@ -11,8 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 import numpy as np  # noqa: E402
 
 from ctrl_jax.core import rewards  # noqa: E402
+from ctrl_jax.runtime import fs  # noqa: E402
 
 _MODELS = (("pretrained", "pre-trained p(x | c)"), ("finetuned", "CTRL p(x | c, y)"))
+
+
+def save_figure(path: str, fig, dpi: int = 110) -> None:
+  """Writes `fig` to `path` (local or URI; format from the suffix, default PNG) at `dpi`, then
+  closes it. (`fs.save_image` would crop the figure to its contents.)"""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".").lower() or "png", dpi=dpi)
+  plt.close(fig)
+  fs.write_bytes(path, buf.getvalue())
 
 
 def _models(title: str | None):
@@ -63,8 +74,7 @@ def save_grid(path: str, images: dict, c: np.ndarray, y: np.ndarray,
     ax.set_title(f"{name}\njoint y-acc {m['joint_accuracy']:.3f}, "
                  f"digit acc {m['digit_accuracy']:.3f}", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(path, fig)
 
 
 def save_cell_tables(path: str, metrics: dict, title: str | None = None) -> None:
@@ -82,16 +92,12 @@ def save_cell_tables(path: str, metrics: dict, title: str | None = None) -> None
     ax.set_yticklabels([f"c={r}" for r in range(10)], fontsize=8)
     ax.set_title(f"{name}: y-accuracy per (c, y) cell", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(path, fig)
 
 
 def save_curves(path: str, jsonl_path: str, task_names) -> None:
   """Reward, KL and the reward classifier's accuracy on the training trajectories vs update."""
-  if not os.path.exists(jsonl_path):
-    return
-  with open(jsonl_path) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
+  rows = fs.read_jsonl(jsonl_path)  # [] if there is no training log
   if not rows:
     return
   step = [r["step"] for r in rows]
@@ -114,8 +120,7 @@ def save_curves(path: str, jsonl_path: str, task_names) -> None:
       ax.axvline(switch, color="gray", ls=":", lw=1, label="exact KL gradient from here")
   axes[2].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(path, fig)
 
 
 def save_run_comparison(path: str, runs: dict[str, str],
@@ -126,10 +131,9 @@ def save_run_comparison(path: str, runs: dict[str, str],
     raise ValueError("save_run_comparison: no runs given.")
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
   for label, jsonl_path in runs.items():
-    if not os.path.exists(jsonl_path):
+    if not fs.exists(jsonl_path):
       raise FileNotFoundError(f"run {label!r}: no training log at {jsonl_path!r}.")
-    with open(jsonl_path) as f:
-      rows = [json.loads(l) for l in f if l.strip()]
+    rows = fs.read_jsonl(jsonl_path)
     for ax, key in zip(axes[0], keys):
       missing = [r["step"] for r in rows if key not in r]
       if missing:
@@ -143,5 +147,4 @@ def save_run_comparison(path: str, runs: dict[str, str],
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=len(runs), fontsize=8, frameon=False)
   fig.tight_layout(rect=(0, 0.08, 1, 1))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(path, fig)

@@ -9,11 +9,14 @@ Each stage keeps its outputs in the workdir and is skipped when they are already
 
 `info.json` is written last, after the arrays are on disk: its presence marks a stage done. A
 stage killed midway resumes from its own checkpoints (pre-training) or reruns (classifier, a
-few seconds).
+few seconds). DIR is a local folder or a URI (gs://…, `ctrl_jax.runtime.fs`).
+
+Multi-process: every process runs a stage (the orbax saves are collective, and the classifier
+fit is deterministic: `experiment.finetune` checks that all processes hold the same inputs);
+process 0 alone removes stale outputs and writes info.json, and the others wait for it.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -32,6 +35,8 @@ from ctrl_jax.problems import base
 from ctrl_jax.problems.digits import data as digits_data
 from ctrl_jax.problems.digits import model as digits_model
 from ctrl_jax.runtime import checkpoint
+from ctrl_jax.runtime import fs
+from ctrl_jax.runtime import multihost
 from ctrl_jax.runtime import stage
 
 
@@ -82,29 +87,46 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str,
                       ) -> tuple[Any, dict, dict]:
   """Pre-trains p(x | c) unless DIR/pretrain/info.json exists; returns (unet, params, info).
   `on_running`: see `loop.run` (not called when nothing is trained)."""
-  stage_dir = os.path.join(workdir, "pretrain")
-  info_path = os.path.join(stage_dir, "info.json")
+  stage_dir = fs.join(workdir, "pretrain")
+  info_path = fs.join(stage_dir, "info.json")
   unet, abstract = pretrained_target(config)
-  if os.path.exists(info_path):
+  if fs.exists(info_path):
     info = stage.read_json(info_path)
     stage.check_same(info["config"], stage.config_dict(config.pretrain), info_path,
                      "config.pretrain", _ADDED_FIELDS)
-    print(f"[pretrain] reusing {stage_dir}", flush=True)
-    return unet, checkpoint.load_tree(os.path.join(stage_dir, "final"), abstract), info
+    if multihost.is_main():
+      print(f"[pretrain] reusing {stage_dir}", flush=True)
+    return unet, checkpoint.load_tree(fs.join(stage_dir, "final"), abstract), info
   t0 = time.time()
   splits = digits_data.load_splits()
   unet, params = digits_model.pretrain(config.pretrain, splits["x_train"], splits["c_train"],
                                        workdir, on_running)
-  final = os.path.join(stage_dir, "final")
-  if os.path.exists(final):  # a crash between the save and the marker: rewrite it
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(final)
-  checkpoint.save_tree(final, params)
+  _save_tree_marked(fs.join(stage_dir, "final"), params)
   info = {"config": stage.config_dict(config.pretrain), "wall_time_s": time.time() - t0,
           "num_params": int(sum(np.size(v) for v in jax.tree_util.tree_leaves(params)))}
-  stage.write_json(info_path, info)
-  print(f"[pretrain] done in {info['wall_time_s']:.0f}s; {info['num_params']} params", flush=True)
+  _write_info(info_path, info)
+  if multihost.is_main():
+    print(f"[pretrain] done in {info['wall_time_s']:.0f}s; {info['num_params']} params",
+          flush=True)
   return unet, params, info
+
+
+def _save_tree_marked(path: str, tree: Any) -> None:
+  """Saves `tree` to the orbax folder `path`, replacing one left by a crash between the save
+  and the stage's info.json. Every process calls it (orbax saves are collective); host (numpy)
+  arrays, because orbax refuses process-local jax.Arrays in a multi-process save and writes
+  numpy ones from process 0."""
+  if multihost.is_main() and fs.exists(path):
+    fs.remove(path)
+  multihost.barrier(f"remove {path}")
+  checkpoint.save_tree(path, tree if jax.process_count() == 1 else jax.device_get(tree))
+
+
+def _write_info(info_path: str, info: dict) -> None:
+  """Process 0 writes a stage's info.json (its done mark); every process waits for it."""
+  if multihost.is_main():
+    stage.write_json(info_path, info)
+  multihost.barrier(f"write {info_path}")
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -134,16 +156,17 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
   passes the asked digit to the reward).
   Returns (rule, modules, params per task, info).
   """
-  stage_dir = os.path.join(workdir, "classifier")
-  info_path = os.path.join(stage_dir, "info.json")
+  stage_dir = fs.join(workdir, "classifier")
+  info_path = fs.join(stage_dir, "info.json")
   use_digit = bool(config.classifier.get("use_digit", False))
   modules, abstract = classifier_target(config)
   wanted = {**stage.config_dict(config.classifier), "task": config.task}
-  if os.path.exists(info_path):
+  if fs.exists(info_path):
     info = stage.read_json(info_path)
     stage.check_same(info["config"], wanted, info_path, "config.classifier", _ADDED_FIELDS)
-    print(f"[classifier] reusing {stage_dir}", flush=True)
-    params = checkpoint.load_tree(os.path.join(stage_dir, "params"), abstract)
+    if multihost.is_main():
+      print(f"[classifier] reusing {stage_dir}", flush=True)
+    params = checkpoint.load_tree(fs.join(stage_dir, "params"), abstract)
     return digits_data.LabelRule.from_dict(info["label_rule"]), modules, params, info
   t0 = time.time()
   k = config.classifier
@@ -166,16 +189,13 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
                     heldout_ece=calibration.expected_calibration_error(probs, y_held[:, t]))
     per_task[name] = fit_info
     params.append(p)
-    print(f"[classifier] {name}: held-out acc {fit_info['heldout_acc']:.3f} "
-          f"ECE {fit_info['heldout_ece']:.3f} T={fit_info['temperature']:.3g}", flush=True)
-  path = os.path.join(stage_dir, "params")
-  if os.path.exists(path):
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(path)
-  checkpoint.save_tree(path, params)
+    if multihost.is_main():
+      print(f"[classifier] {name}: held-out acc {fit_info['heldout_acc']:.3f} "
+            f"ECE {fit_info['heldout_ece']:.3f} T={fit_info['temperature']:.3g}", flush=True)
+  _save_tree_marked(fs.join(stage_dir, "params"), params)
   info = {"config": wanted, "label_rule": rule.to_dict(), "tasks": per_task,
           "wall_time_s": time.time() - t0}
-  stage.write_json(info_path, info)
+  _write_info(info_path, info)
   return rule, modules, params, info
 
 

@@ -11,9 +11,11 @@ SD-shaped folder and synthetic offline data written into DIR by the same code pa
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,8 @@ from ctrl_jax.models import augmented
 from ctrl_jax.models import sd as sd_lib
 from ctrl_jax.models import weights
 from ctrl_jax.problems import base
+from ctrl_jax.runtime import fs
+from ctrl_jax.runtime import multihost
 from ctrl_jax.runtime import stage
 
 TASKS = {"aesthetic": (("aesthetic",), (2,)),
@@ -84,10 +88,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.eval.{name}={value!r}: expected an integer ≥ 1.")
 
 
+def tiny_folder(workdir: str, name: str, write: Callable[[str], Any]) -> str:
+  """A local folder DIR/<name> made by `write(folder)` (idempotent: random tiny models and data
+  of the `:tiny` configs, written by libraries that need a real folder). Process 0 writes it
+  while the others wait. A remote workdir gets a local folder per process instead (the files
+  are a function of the seed)."""
+  local = fs.local_path(workdir)
+  if local is None:
+    folder = os.path.join(tempfile.gettempdir(), "ctrl_jax_tiny",
+                          f"{hashlib.sha256(workdir.encode()).hexdigest()[:16]}"
+                          f"-p{jax.process_index()}",
+                          name)
+    write(folder)
+    return folder
+  folder = os.path.join(local, name)
+  multihost.main_first(f"write {name}", lambda: write(folder))
+  return folder
+
+
 def pretrained_folder(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The diffusers folder (or hub id) of the pre-trained model; "tiny" → DIR/tiny_sd."""
   if config.pretrained_model == "tiny":
-    return sd_lib.write_tiny_sd(os.path.join(workdir, "tiny_sd"), seed=config.seed)
+    return tiny_folder(workdir, "tiny_sd", lambda f: sd_lib.write_tiny_sd(f, seed=config.seed))
   return config.pretrained_model
 
 
@@ -112,7 +134,14 @@ def write_tiny_data(folder: str, n: int = 64, size: int = 16, seed: int = 0) -> 
   return folder
 
 
-def _tiny_aesthetic_models(folder: str, seed: int) -> tuple[str, str]:
+def tiny_aesthetic_models(workdir: str, seed: int) -> tuple[str, str]:
+  """(CLIP folder, LAION MLP file) of the `:tiny` configs' random models, in DIR/tiny_aesthetic
+  (`tiny_folder`)."""
+  folder = tiny_folder(workdir, "tiny_aesthetic", lambda f: _write_tiny_aesthetic_models(f, seed))
+  return os.path.join(folder, "clip"), os.path.join(folder, "laion_mlp.safetensors")
+
+
+def _write_tiny_aesthetic_models(folder: str, seed: int) -> tuple[str, str]:
   """A random tiny CLIP (FlaxCLIPModel msgpack) + random LAION MLP (safetensors)."""
   from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top
   from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
@@ -153,16 +182,12 @@ def size_classes(size_kb: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
 
 def _save_msgpack(path: str, tree) -> None:
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, tree)))
-  os.replace(path + ".tmp", path)
+  fs.write_bytes(path, serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, tree)))
 
 
 def _load_msgpack(path: str):
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  with open(path, "rb") as f:
-    return jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(f.read()))
+  return jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(fs.read_bytes(path)))
 
 
 def _classifier_config(config: ml_collections.ConfigDict) -> dict:
@@ -175,7 +200,9 @@ def _classifier_config(config: ml_collections.ConfigDict) -> dict:
 class GroundTruth:
   """The true labels (evaluation): LAION score ≥ threshold, JPEG-size bins."""
 
-  def __init__(self, names, info: dict, aesthetic_models=None, jpeg_quality: int = 95):
+  def __init__(self, names, info: dict, aesthetic_models=None, jpeg_quality: int = 95,
+               chunk: int = 64):
+    self.chunk = chunk
     self.names = tuple(names)
     self.info = info
     self.aesthetic_models = aesthetic_models
@@ -187,8 +214,10 @@ class GroundTruth:
     if "aesthetic" in self.names:
       from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
       clip_model, clip_params, mlp = self.aesthetic_models
-      out["laion_score"] = np.asarray(
-          aesthetic.laion_score(clip_model, clip_params, mlp, jnp.asarray(images)))
+      # in fixed-size chunks: memory does not grow with the number of images
+      out["laion_score"] = np.concatenate([np.asarray(aesthetic.laion_score(
+          clip_model, clip_params, mlp, jnp.asarray(images[s:s + self.chunk])))
+                                           for s in range(0, len(images), self.chunk)])
     if any(n.startswith("compress") for n in self.names):
       out["jpeg_kb"] = compressibility.jpeg_size_kb(compressibility.to_uint8(images),
                                                     quality=self.jpeg_quality)
@@ -210,7 +239,7 @@ def _load_aesthetic_truth(k: ml_collections.ConfigDict, workdir: str, seed: int)
   from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
   clip_path, mlp_path = k.clip_model, k.laion_weights
   if clip_path == "tiny":
-    clip_path, mlp_path = _tiny_aesthetic_models(os.path.join(workdir, "tiny_aesthetic"), seed)
+    clip_path, mlp_path = tiny_aesthetic_models(workdir, seed)
   clip_model, clip_params = aesthetic.load_clip_vision(weights.resolve_folder(clip_path))
   if not os.path.exists(mlp_path):
     raise FileNotFoundError(
@@ -229,15 +258,16 @@ def _offline_images(path: str, size: int, what: str) -> np.ndarray:
 
 def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
   """Fits p̂(y_t | x) per task name unless DIR/classifier/info.json exists (a different
-  classifier config is refused). Returns (applies, params per task, info, ground truth)."""
+  classifier config is refused). Returns (applies, params per task, info, ground truth).
+
+  Multi-process: process 0 fits and saves while the others wait; then every process (process 0
+  too) loads the saved stage, so all hold the same bytes."""
   from ctrl_jax.problems.sd import compressibility  # pylint: disable=g-import-not-at-top
   from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from ctrl_jax.problems.sd import aesthetic as aesthetic_head
   k = config.classifier
   ls = label_space(config.task)
-  stage_dir = os.path.join(workdir, "classifier")
-  info_path = os.path.join(stage_dir, "info.json")
+  stage_dir = fs.join(workdir, "classifier")
+  info_path = fs.join(stage_dir, "info.json")
   wanted = _classifier_config(config)
   truth_models = None
   if "aesthetic" in ls.task_names:
@@ -250,30 +280,44 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
       applies.append(compressibility.classifier_apply(compressibility.CompressibilityCNN(
           n, width=k.cnn_width, input_size=k.cnn_input_size, arch=k.cnn_arch)))
 
-  def full_params(name, saved):
+  def fit_unless_done():  # process 0 only: the others wait, then read what it saved
+    if fs.exists(info_path):
+      print(f"[classifier] reusing {stage_dir}", flush=True)
+    else:
+      _fit_classifiers(config, workdir, truth_models, stage_dir)
+
+  multihost.main_first("fit classifier", fit_unless_done)
+  info = fs.read_json(info_path)
+  # A stage saved without a cnn_arch field was fitted with the "resized" CNN.
+  stage.check_same(info["config"], wanted, info_path, "config.classifier",
+                   defaults={"cnn_arch": "resized"})
+  params = []
+  for name in ls.task_names:
+    saved = _load_msgpack(fs.join(stage_dir, f"{name}.msgpack"))
     # The CLIP tower is the (frozen) ground-truth one: not saved again with the head.
-    return {"clip": truth_models[1], "head": saved} if name == "aesthetic" else saved
+    params.append({"clip": truth_models[1], "head": saved} if name == "aesthetic" else saved)
+  return applies, params, info, GroundTruth(ls.task_names, info, truth_models)
 
-  if os.path.exists(info_path):
-    info = weights.read_json(info_path)
-    # A stage saved without a cnn_arch field was fitted with the "resized" CNN.
-    stage.check_same(info["config"], wanted, info_path, "config.classifier",
-                     defaults={"cnn_arch": "resized"})
-    print(f"[classifier] reusing {stage_dir}", flush=True)
-    params = [full_params(name, _load_msgpack(os.path.join(stage_dir, f"{name}.msgpack")))
-              for name in ls.task_names]
-    return applies, params, info, GroundTruth(ls.task_names, info, truth_models)
 
+def _fit_classifiers(config: ml_collections.ConfigDict, workdir: str, truth_models,
+                     stage_dir: str) -> None:
+  """Fits every task's classifier on the offline data; writes DIR/classifier/<task>.msgpack,
+  then info.json (the stage's done mark)."""
+  from ctrl_jax.problems.sd import compressibility  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from ctrl_jax.problems.sd import aesthetic as aesthetic_head
+  k = config.classifier
+  ls = label_space(config.task)
   t0 = time.time()
   data_size = k.image_size
   if config.pretrained_model == "tiny":
-    tiny = write_tiny_data(os.path.join(workdir, "tiny_data"), seed=config.seed)
+    tiny = tiny_folder(workdir, "tiny_data", lambda f: write_tiny_data(f, seed=config.seed))
     compress_dir = k.compress_data or tiny
     aesthetic_data = k.aesthetic_data or tiny
   else:
     compress_dir, aesthetic_data = k.compress_data, k.aesthetic_data
-  info: dict[str, Any] = {"config": wanted, "tasks": {}, "edges_kb": {}}
-  params = []
+  info: dict[str, Any] = {"config": _classifier_config(config), "tasks": {}, "edges_kb": {}}
   for t, (name, n) in enumerate(zip(ls.task_names, ls.task_classes)):
     if name == "aesthetic":
       clip_model, clip_params, mlp = truth_models
@@ -290,12 +334,11 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
       info["aesthetic_threshold"] = thr
       labels = (scores >= thr).astype(np.int32)
       head, fit = aesthetic_head.fit_head(emb, labels, config.seed + t, epochs=k.head_epochs,
-                                     batch=k.head_batch, lr=k.head_lr,
-                                     calib_fraction=k.calib_fraction)
+                                          batch=k.head_batch, lr=k.head_lr,
+                                          calib_fraction=k.calib_fraction)
       fit.update(class_counts=np.bincount(labels, minlength=2).tolist(),
                  score_mean=float(scores.mean()), score_std=float(scores.std()))
-      params.append(full_params(name, head))
-      _save_msgpack(os.path.join(stage_dir, f"{name}.msgpack"), head)
+      _save_msgpack(fs.join(stage_dir, f"{name}.msgpack"), head)
     else:
       images = _offline_images(compress_dir, data_size, "compress_data")
       size_kb = compressibility.jpeg_size_kb(compressibility.to_uint8(images),
@@ -308,14 +351,12 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
           lr=k.cnn_lr, calib_fraction=k.calib_fraction, width=k.cnn_width,
           input_size=k.cnn_input_size, arch=k.cnn_arch)
       fit.update(class_counts=np.bincount(labels, minlength=n).tolist())
-      params.append(variables)
-      _save_msgpack(os.path.join(stage_dir, f"{name}.msgpack"), variables)
+      _save_msgpack(fs.join(stage_dir, f"{name}.msgpack"), variables)
     info["tasks"][name] = fit
     print(f"[classifier] {name}: train acc {fit['train_acc']:.3f} calib acc "
           f"{fit['calib_acc']:.3f} T={fit['temperature']:.3g}", flush=True)
   info["wall_time_s"] = time.time() - t0
-  weights.write_json(info_path, info)
-  return applies, params, info, GroundTruth(ls.task_names, info, truth_models)
+  fs.write_json(fs.join(stage_dir, "info.json"), info, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- the problem
