@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "scikit-learn",
     "matplotlib",
     "tensorboardX",
+    "fsspec",  # workdir URIs (runtime/fs.py); gs:// also needs gcsfs (launch/tpu_vm.sh installs it)
 ]
 # torch is needed only to export to / check parity against PyTorch diffusers. Pin exactly:
 # any other spec pulls a CUDA build of several GB.
