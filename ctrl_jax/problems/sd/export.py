@@ -12,6 +12,7 @@ import ml_collections
 from ctrl_jax.models import diffusers_export
 from ctrl_jax.models import weights
 from ctrl_jax.problems import base
+from ctrl_jax.runtime import fs
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, out: str, problem: base.Problem,
@@ -49,7 +50,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str, problem: b
       ls.task_names, ls.task_classes, class_names=class_names, bin_edges=edges,
       guidance_scale=config.guidance_scale, eta=config.eta,
       num_inference_steps=config.num_inference_steps, extra={
-          "source": {"workdir": os.path.abspath(workdir), "ctrl_step": step,
+          "source": {"workdir": fs.orbax_path(workdir), "ctrl_step": step,
                      "pretrained_model": config.pretrained_model},
           "lora_only": lora_only})
   if lora_only:
