@@ -66,20 +66,20 @@ def _fs(path: str):
                      "gs:// install gcsfs (`pip install gcsfs`).") from None
 
 
+def _call(path: str, method: str):
+  """`fs.<method>(p)` of the fsspec filesystem of URI `path`."""
+  fs, p = _fs(path)
+  return getattr(fs, method)(p)
+
+
 def exists(path: str) -> bool:
   local = local_path(path)
-  if local is not None:
-    return os.path.exists(local)
-  fs, p = _fs(path)
-  return fs.exists(p)
+  return os.path.exists(local) if local is not None else _call(path, "exists")
 
 
 def isdir(path: str) -> bool:
   local = local_path(path)
-  if local is not None:
-    return os.path.isdir(local)
-  fs, p = _fs(path)
-  return fs.isdir(p)
+  return os.path.isdir(local) if local is not None else _call(path, "isdir")
 
 
 def makedirs(path: str) -> None:
