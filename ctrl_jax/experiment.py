@@ -373,8 +373,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     # Placed explicitly: a multi-process jit refuses numpy inputs with non-trivial shardings
     # (every process computes the same global requests from (seed, step)).
     return shd.put(rewards.sample_requests(config.seed, step, setup.label_space,
-                                                  problem.num_prompts, num_micro, micro),
-                          batch_sharding)
+                                           problem.num_prompts, num_micro, micro),
+                   batch_sharding)
 
   multihost.compile_together(step_fn, state, batch_fn(0), key, frozen, name="train step")
   calls = []  # host time after each call: the first includes compilation
