@@ -51,6 +51,12 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.reward_micro_batch = 1      # ... images per device decoded together (0 = all at once)
   c.truncation_mask_per_device = True  # each device draws its own truncation mask (official:
                                 #   one per GPU step); False = one per micro-batch
+  c.fsdp = 1                    # devices per 'fsdp' group: the frozen UNet, VAE and reward
+                                #   models (and a full fine-tune's UNet + Adam state) are split
+                                #   over them, the batch over all devices (1 = replicated; > 1
+                                #   needs truncation_mask_per_device = False)
+  c.frozen_dtype = ""           # storage dtype of those frozen weights ("" = as loaded,
+                                #   float32; "bfloat16" halves them)
   c.reference_grad = True       # differentiate through the reference model's input (official)
   c.reference_grad_from = 0     # ... from this update on (0 = every update, official)
 

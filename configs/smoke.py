@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.truncation = "random"       # "none" | "random" (CTRL) | "last_k"
   c.truncation_k = 2            # K for "last_k"
   c.remat_policy = "nothing_saveable"  # jax.checkpoint policy per model call ("" = off)
+  c.truncation_mask_per_device = True  # each device draws its own truncation mask (False =
+                                #   one per micro-batch)
+  c.fsdp = 1                    # devices per 'fsdp' group: frozen weights split over them
+                                #   (1 = replicated; > 1 needs truncation_mask_per_device=False)
+  c.frozen_dtype = ""           # storage dtype of the frozen weights ("" = float32, "bfloat16")
   c.reference_grad = True       # also differentiate through the reference model's input
   c.reference_grad_from = 0     # ... from this update on (0 = every update)
   # Model and optimiser.

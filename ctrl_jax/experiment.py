@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -133,7 +134,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
   _field(config, "num_epochs", "an integer ≥ 1", lambda v: _count(v) and v >= 1, 1)
   _field(config, "samples_per_epoch", "an integer ≥ 0 (0: no epochs)",
          lambda v: _count(v) and v >= 0, 0)
-  mesh = mesh or shd.make_mesh()
+  n = jax.device_count()
+  _field(config, "fsdp", f"a positive divisor of the device count ({n}): the size of the mesh's "
+         "'fsdp' axis (1 = every parameter replicated)",
+         lambda v: _count(v) and v >= 1 and n % v == 0, 1)
+  _field(config, "frozen_dtype", f"'' (as loaded) or one of {sorted(augmented.DTYPES)}",
+         lambda v: v in ("", None) or v in augmented.DTYPES, "")
+  mesh = mesh or make_mesh(config)
   fill_epoch_counts(config, mesh)
   _field(config, "num_updates", "an integer ≥ 1 (or 0 = num_epochs × updates per epoch, with "
          "samples_per_epoch set)", lambda v: _count(v) and v >= 1)
@@ -180,6 +187,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
       raise ValueError(f"config.{field}={value} must be ≥ 1.")
   shd.check_divisible(micro, mesh, "config.micro_batch")
   updates_per_epoch(config, mesh)  # samples_per_epoch a multiple of the update's trajectories
+  if (shd.fsdp_size(mesh) > 1 and config.truncation == "random"
+      and config.get("truncation_mask_per_device", True)):
+    raise ValueError(f"config.fsdp={shd.fsdp_size(mesh)} needs "
+                     "config.truncation_mask_per_device=False (one truncation mask per "
+                     "micro-batch): per-device masks run the trajectory in shard_map, which "
+                     "would gather every FSDP-split weight on every device.")
   start = int(config.get("reference_grad_from", 0))
   if start and not (config.reference_grad and 0 < start < int(config.num_updates)):
     raise ValueError(f"config.reference_grad_from={start}: expected 0 (every update), or an "
@@ -240,6 +253,46 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  """The run's mesh over every device: ('data', 'fsdp') with config.fsdp (default 1)."""
+  return shd.make_mesh(fsdp=int(config.get("fsdp", 1)))
+
+
+# Frozen subtrees stored in config.frozen_dtype (the large weights: UNet, VAE decoder,
+# reward models); prompt contexts, the schedule and the per-run scalars keep float32.
+FROZEN_WEIGHTS = ("unet", "decoder", "reward")
+
+
+def frozen_storage(frozen: dict, config: ml_collections.ConfigDict) -> dict:
+  """`frozen` with its weights (`FROZEN_WEIGHTS`) cast to config.frozen_dtype ('' = as
+  loaded). Storage only: each model computes in its own activation dtype (the reference UNet in
+  float32 with `reference_dtype` float32), from the rounded weights."""
+  name = config.get("frozen_dtype", "") or ""
+  if not name:
+    return frozen
+  dtype = augmented.DTYPES[name]
+
+  def cast(x):
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  return {k: (jax.tree_util.tree_map(cast, v) if k in FROZEN_WEIGHTS and v is not None else v)
+          for k, v in frozen.items()}
+
+
+def place_frozen(frozen: dict, config: ml_collections.ConfigDict, mesh) -> tuple[dict, Any]:
+  """(frozen inputs stored as configured, placed on `mesh`; their shardings): the weights in
+  config.frozen_dtype, split over the mesh's 'fsdp' axis (`sharding.fsdp_sharding`; replicated
+  when fsdp = 1). `frozen` may be ShapeDtypeStructs (the background compile's shapes): then the
+  result is ShapeDtypeStructs carrying the shardings."""
+  abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(frozen))
+  stored = (jax.eval_shape(lambda f: frozen_storage(f, config), frozen) if abstract
+            else frozen_storage(frozen, config))
+  shardings = shd.fsdp_sharding(stored, mesh)
+  if abstract:
+    return background_compile.abstract_like(stored, shardings), shardings
+  return shd.put(stored, shardings), shardings
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
@@ -314,8 +367,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   plan of the train step (`step_memory`), and for configs with epochs the epoch of every kept
   checkpoint (`epoch_metadata`).
   """
-  mesh = shd.make_mesh()
-  validate_config(config, mesh)
+  validate_config(config)
+  mesh = make_mesh(config)
   check_resume_config(config, workdir)
   optimizer = make_optimizer(config)
   micro, num_micro = batch_arithmetic(config, mesh)
@@ -337,16 +390,18 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     # run; the builder then uses the same setup, so the first update reuses the executable.
     # Started once pre-training's own step has compiled, not to slow that compilation down.
     abstract = hooks.abstract(config)
-    step_fn = train.make_train_step(abstract.setup, optimizer, mesh)
+    state_s = train.state_sharding(abstract.params, optimizer, mesh)
+    abstract_frozen, frozen_s = place_frozen(
+        {**abstract.frozen, "hparams": train.hparams_from_config(config)}, config, mesh)
+    step_fn = train.make_train_step(abstract.setup, optimizer, mesh, state_shardings=state_s,
+                                    frozen_shardings=frozen_s)
     started = []
 
     def start_compiling():
       started.append(background_compile.BackgroundCompile(
-          step_fn, _abstract_state(abstract.params, optimizer, repl),
+          step_fn, _abstract_state(abstract.params, optimizer, state_s),
           abstract_batch(abstract.setup.label_space, num_micro, micro, batch_sharding),
-          background_compile.abstract_like(key, repl),
-          background_compile.abstract_like(
-              {**abstract.frozen, "hparams": train.hparams_from_config(config)}, repl),
+          background_compile.abstract_like(key, repl), abstract_frozen,
           name="train_step"))
 
     problem = hooks.build(config, workdir, setup=abstract.setup, on_running=start_compiling)
@@ -355,14 +410,19 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
     background = started[0]
   else:
     problem = problem or hooks.build(config, workdir)
-    step_fn = train.make_train_step(problem.setup, optimizer, mesh)
+    state_s = train.state_sharding(problem.params, optimizer, mesh)
+    step_fn = None  # made below, once the frozen inputs' shardings are known
   t_start = time.time()
   setup = problem.setup
   # Every process built its own copy of the problem: they must agree before they are treated as
   # one replicated value.
   multihost.check_same((problem.params, problem.frozen), "the problem's params and frozen inputs")
-  frozen = shd.put({**problem.frozen, "hparams": train.hparams_from_config(config)}, repl)
-  state = train.create_train_state(problem.params, optimizer, mesh)
+  frozen, frozen_s = place_frozen(
+      {**problem.frozen, "hparams": train.hparams_from_config(config)}, config, mesh)
+  if step_fn is None:
+    step_fn = train.make_train_step(setup, optimizer, mesh, state_shardings=state_s,
+                                    frozen_shardings=frozen_s)
+  state = train.create_train_state(problem.params, optimizer, mesh, sharding=state_s)
   if background is not None and not background.done():
     print("[finetune] waiting for the train step's background compilation", flush=True)
   if background is not None and background.wait().error:

@@ -33,18 +33,28 @@ def problem():
   return _problem()
 
 
-def _params_after(problem, mesh, steps=1, hparams=None, opt=None):
+def _params_after(problem, mesh, steps=1, hparams=None, opt=None, fsdp_min_elements=None):
+  """State and metrics after `steps` updates on `mesh`; with `fsdp_min_elements`, the frozen
+  inputs and the state are split over the mesh's 'fsdp' axis (leaves from that size on)."""
   setup, frozen, params = problem
   if hparams is not None:
     frozen = dict(frozen, hparams=hparams)
   opt = opt or train.make_optimizer(1e-3, 1e-2)
-  state = train.create_train_state(params, opt, mesh)
-  step_fn = train.make_train_step(setup, opt, mesh)
+  state_s = frozen_s = None
+  if fsdp_min_elements is not None:
+    state_s = train.state_sharding(params, opt, mesh, min_elements=fsdp_min_elements)
+    frozen_s = shd.fsdp_sharding(frozen, mesh, min_elements=fsdp_min_elements)
+    frozen = shd.put(frozen, frozen_s)
+  state = train.create_train_state(params, opt, mesh, sharding=state_s)
+  step_fn = train.make_train_step(setup, opt, mesh, state_shardings=state_s,
+                                  frozen_shardings=frozen_s)
   metrics = []
   for i in range(steps):
     batch = tiny_problem.make_batch(0, i, setup, 3, 2, MICRO)
     state, m = step_fn(state, batch, jax.random.key(7), frozen)
     metrics.append(jax.device_get(m))
+  if frozen_s is not None:
+    metrics.append(frozen)  # the placed frozen inputs, for the caller to inspect
   return jax.device_get(state), metrics
 
 
@@ -68,6 +78,74 @@ def test_eight_devices_match_one_device(problem):
   flat1, flat8 = (jax.flatten_util.ravel_pytree(g)[0] for g in (g1, g8))
   assert np.abs(flat1).max() > 0
   np.testing.assert_allclose(flat8, flat1, atol=1e-4 * np.abs(flat1).max())
+
+
+def test_fsdp_mesh_splits_the_frozen_unet_and_gives_the_same_update(problem):
+  """On a (data 2, fsdp 4) mesh with the frozen UNet split over 'fsdp' (every leaf of ≥ 1024
+  elements: the micro UNet's kernels), the loss, metrics and SGD update equal the replicated
+  8-device ones; each device holds 1/4 of a split kernel."""
+  setup, frozen, params = problem
+  problem = (dataclasses.replace(setup, mask_per_device=False), frozen, params)
+  sgd = optax.sgd(1.0)
+  s8, m8 = _params_after(problem, shd.make_mesh(), opt=sgd)
+  mesh = shd.make_mesh(fsdp=4)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+  s4, m4 = _params_after(problem, mesh, opt=sgd, fsdp_min_elements=1024)
+  placed = m4.pop()
+  split = [x for x in jax.tree_util.tree_leaves(placed["unet"]) if x.size >= 1024]
+  assert split and all("fsdp" in x.sharding.spec for x in split)
+  for x in split:
+    dim = list(x.sharding.spec).index("fsdp")
+    assert x.addressable_shards[0].data.shape[dim] * 4 == x.shape[dim]
+  np.testing.assert_allclose(m4[0]["loss"], m8[0]["loss"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(m4[0]["grad_norm"], m8[0]["grad_norm"], rtol=1e-5)
+  flat8, flat4 = (jax.flatten_util.ravel_pytree(
+      jax.tree_util.tree_map(lambda a, b: np.asarray(b) - np.asarray(a), s["params"], params))[0]
+      for s in (s8, s4))
+  np.testing.assert_allclose(flat4, flat8, atol=1e-5 * np.abs(flat8).max())
+
+
+def test_fsdp_state_sharding_splits_a_full_finetune_and_keeps_lora_replicated():
+  """`state_sharding`: a full fine-tune's UNet copy and its two Adam moments are split over
+  'fsdp' like the frozen UNet (leaf by leaf), LoRA, the label table and the step stay
+  replicated; with fsdp = 1 everything is replicated."""
+  setup, frozen, params = _problem()
+  params = train.init_trainable(setup, jax.random.key(1), frozen["unet"], full_finetune=True)
+  opt = train.make_optimizer(1e-3, 1e-2, lr_unet=1e-4)
+  mesh = shd.make_mesh(fsdp=4)
+  s = train.state_sharding(params, opt, mesh, min_elements=1024)
+  frozen_s = shd.fsdp_sharding(frozen["unet"], mesh, min_elements=1024)
+  assert s["params"]["unet"] == frozen_s
+  split = [x for x in jax.tree_util.tree_leaves(frozen_s) if x.spec != jax.sharding.PartitionSpec()]
+  assert len(split) > 10
+  inner = s["opt"][2].inner_states["unet"].inner_state[0]  # adamw: ScaleByAdamState
+  assert inner.mu["unet"] == frozen_s and inner.nu["unet"] == frozen_s
+  for leaf in jax.tree_util.tree_leaves((s["params"]["lora"], s["params"]["label_embedding"],
+                                         s["step"])):
+    assert leaf.spec == jax.sharding.PartitionSpec()
+  flat = jax.tree_util.tree_leaves(train.state_sharding(params, opt, shd.make_mesh()))
+  assert all(x.spec == jax.sharding.PartitionSpec() for x in flat)
+
+
+def test_sharding_rules_and_mesh_errors():
+  mesh = shd.make_mesh(fsdp=4)
+  rule = lambda shape: shd.fsdp_leaf_sharding(shape, mesh).spec  # noqa: E731
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  assert rule((3, 3, 320, 640)) == P(None, None, None, "fsdp")  # largest divisible dim
+  assert rule((1280, 320)) == P("fsdp", None)
+  assert rule((1280,)) == P()  # small: replicated
+  assert rule((3, 3, 321, 643)) == P()  # nothing divisible by 4
+  assert shd.fsdp_leaf_sharding((3, 3, 320, 640), shd.make_mesh()).spec == P()
+  assert shd.batch_shards(mesh) == 8 and shd.fsdp_size(mesh) == 4
+  assert shd.data_sharded(mesh, 1).spec == P(None, ("data", "fsdp"))
+  with pytest.raises(ValueError, match=r"fsdp=3 must be a positive divisor of the number of "
+                                       r"devices \(8\)"):
+    shd.make_mesh(fsdp=3)
+  setup, frozen, params = _problem()  # per-device masks cannot split the weights
+  mb = jax.tree_util.tree_map(lambda v: v[0], tiny_problem.make_batch(0, 0, setup, 3, 1, MICRO))
+  with pytest.raises(ValueError, match="truncation_mask_per_device"):
+    jax.eval_shape(lambda p: train.loss_fn(p, frozen, mb, jax.random.key(0), setup, mesh),
+                   params)
 
 
 def test_device_truncation_masks_differ_and_keep_the_rate():
@@ -345,3 +423,28 @@ def test_all_finite():
   assert bool(train.all_finite({"a": jnp.ones(3), "b": jnp.zeros((), jnp.int32)}))
   assert not bool(train.all_finite({"a": jnp.array([1.0, jnp.inf])}))
   assert not bool(train.all_finite([jnp.ones(2), jnp.array([jnp.nan])]))
+
+
+def test_bfloat16_frozen_storage_rounds_the_weights_and_nothing_else():
+  """config.frozen_dtype = "bfloat16" stores the frozen UNet and reward weights in bf16 (half
+  the bytes) and leaves contexts, schedule and scalars in float32; the models still compute in
+  their activation dtype (float32 here), so the loss equals float32 storage of the same
+  bf16-rounded weights."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
+  setup, frozen, params = _problem()
+  stored = experiment.frozen_storage(frozen, ml_collections.ConfigDict({"frozen_dtype": "bfloat16"}))
+  for name in ("unet", "reward"):
+    assert {x.dtype for x in jax.tree_util.tree_leaves(stored[name])} == {jnp.dtype(jnp.bfloat16)}
+  for name in ("contexts", "uncond_context", "schedule", "hparams"):
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(stored[name]))
+  nbytes = lambda t: sum(x.nbytes for x in jax.tree_util.tree_leaves(t))  # noqa: E731
+  assert nbytes(stored["unet"]) * 2 == nbytes(frozen["unet"])
+  rounded = jax.tree_util.tree_map(
+      lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, stored)
+  assert experiment.frozen_storage(frozen, ml_collections.ConfigDict({"frozen_dtype": ""})) is frozen
+  mb = jax.tree_util.tree_map(lambda v: v[0], tiny_problem.make_batch(0, 0, setup, 3, 1, MICRO))
+  loss = jax.jit(lambda f: train.loss_fn(params, f, mb, jax.random.key(3), setup)[0])
+  a, b, c = float(loss(stored)), float(loss(rounded)), float(loss(frozen))
+  assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+  assert a != c  # the rounding itself is visible

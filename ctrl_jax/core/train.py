@@ -167,7 +167,7 @@ def _eps_closures(setup: CtrlSetup, ctx: jnp.ndarray, labels: jnp.ndarray,
 
 
 def _data_devices(mesh: Optional[Mesh]) -> int:
-  return 1 if mesh is None else int(mesh.shape[shd.DATA])
+  return 1 if mesh is None else shd.batch_shards(mesh)
 
 
 def _trajectory(setup: CtrlSetup, params: dict, frozen: dict, micro_batch: dict, labels,
@@ -196,17 +196,22 @@ def _trajectory(setup: CtrlSetup, params: dict, frozen: dict, micro_batch: dict,
         policy_eps, reference_eps, params, frozen["unet"], frozen["schedule"], timesteps, x_T,
         k_noise, hp["eta"], grad_mask=grad_mask, num_no_grad_steps=n0, **common)
 
+  if shd.fsdp_size(mesh) > 1:
+    # shard_map would gather every FSDP-split frozen weight on every device before the loop.
+    raise ValueError("per-device truncation masks (truncation_mask_per_device) need an "
+                     "'fsdp' axis of size 1; set truncation_mask_per_device=False with fsdp > 1.")
   noise = sampling.step_noise(k_noise, n, x_T.shape, x_T.dtype)
   shared = {"unet": frozen["unet"], "schedule": frozen["schedule"], "hparams": hp,
             "uncond": frozen.get("uncond_context")}
   ref_flag = jnp.asarray(True) if ref_mask is None else jnp.asarray(ref_mask)
+  axes = tuple(a for a in shd.BATCH if a in mesh.shape)
 
   def local(params, shared, x_T, noise, ctx, labels, k_mask, ref_flag):
     # Mark the replicated trainable params device-varying here, once: the transpose of that
     # cast is the psum of their gradient over devices, and it must run outside the per-step
     # `lax.cond`, whose branch differs between devices (a collective inside it deadlocks).
-    params = jax.lax.pcast(params, shd.DATA, to="varying")
-    device = jax.lax.axis_index(shd.DATA)
+    params = jax.lax.pcast(params, axes, to="varying")
+    device = jax.lax.axis_index(axes)
     mask = sampling.device_truncation_mask(k_mask, n, device)
     policy_eps, reference_eps = _eps_closures(setup, ctx, labels, shared["uncond"],
                                               shared["hparams"]["guidance_scale"],
@@ -217,11 +222,12 @@ def _trajectory(setup: CtrlSetup, params: dict, frozen: dict, micro_batch: dict,
         **dict(common, reference_grad_mask=None if ref_mask is None else ref_flag))
     return traj.x0, traj.kl, traj.grad_mask[None]
 
-  data, rep = P(shd.DATA), P()
+  spec = shd.batch_spec(mesh)
+  data, rep = P(spec), P()
   x0, kl, grad_mask = jax.shard_map(
       local, mesh=mesh,
-      in_specs=(rep, rep, data, P(None, shd.DATA), data, data, rep, rep),
-      out_specs=(data, P(None, shd.DATA), data))(
+      in_specs=(rep, rep, data, P(None, spec), data, data, rep, rep),
+      out_specs=(data, P(None, spec), data))(
           params, shared, x_T, noise, ctx, labels, k_mask, ref_flag)
   return sampling.Trajectory(x0=x0, kl=kl, grad_mask=grad_mask)
 
@@ -380,16 +386,27 @@ def init_trainable(setup: CtrlSetup, key: jax.Array, unet_params: dict,
 
 
 def create_train_state(params: dict, optimizer: optax.GradientTransformation,
-                       mesh: Optional[Mesh] = None) -> dict:
-  """{"step": 0, "params", "opt"}, replicated over the mesh when given.
+                       mesh: Optional[Mesh] = None, sharding: Any = None) -> dict:
+  """{"step": 0, "params", "opt"}, placed on the mesh when given: with `sharding` (a tree of
+  shardings, e.g. `state_sharding`), else replicated.
 
   `params` is copied: the train step donates its state, and the caller's arrays must survive.
   """
   params = jax.tree_util.tree_map(jnp.array, params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
   if mesh is not None:
-    state = shd.put(state, shd.replicated(mesh))
+    state = shd.put(state, shd.replicated(mesh) if sharding is None else sharding)
   return state
+
+
+def state_sharding(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
+                   min_elements: int = shd.FSDP_MIN_ELEMENTS) -> Any:
+  """Shardings of the train state of `params` (arrays or ShapeDtypeStructs): FSDP over the
+  mesh's 'fsdp' axis (`sharding.fsdp_sharding`: a full fine-tune's UNet copy and its Adam
+  moments are split like the frozen UNet; LoRA and the label table are small and replicated),
+  all replicated when that axis has size 1."""
+  shapes = jax.eval_shape(lambda p: create_train_state(p, optimizer), params)
+  return shd.fsdp_sharding(shapes, mesh, min_elements)
 
 
 def all_finite(tree: Any) -> jnp.ndarray:
@@ -400,9 +417,14 @@ def all_finite(tree: Any) -> jnp.ndarray:
 
 
 def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    wrap: Callable[[Callable], Callable] = lambda f: f
+                    wrap: Callable[[Callable], Callable] = lambda f: f,
+                    state_shardings: Any = None, frozen_shardings: Any = None
                     ) -> Callable[[dict, dict, jax.Array, dict], tuple[dict, dict]]:
   """The jitted `train_step(state, batch, key, frozen) -> (state, metrics)`.
+
+  `state_shardings` / `frozen_shardings`: trees of shardings of the state and the frozen inputs
+  (default: replicated), e.g. `state_sharding(...)` and `sharding.fsdp_sharding(frozen, mesh)`
+  on a mesh with an 'fsdp' axis; the new state keeps the state's shardings.
 
   batch: {"prompt": int [M, b], "y": int [M, b, T]}: M micro-batches of b trajectories, the b
   axis sharded over the mesh's data axis. Gradients are averaged over the M micro-batches
@@ -452,5 +474,7 @@ def make_train_step(setup: CtrlSetup, optimizer: optax.GradientTransformation, m
 
   repl = shd.replicated(mesh)
   batch_sharding = shd.data_sharded(mesh, batch_axis=1)
-  return shd.jit(wrap(train_step), mesh, in_shardings=(repl, batch_sharding, repl, repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+  state_s = repl if state_shardings is None else state_shardings
+  frozen_s = repl if frozen_shardings is None else frozen_shardings
+  return shd.jit(wrap(train_step), mesh, in_shardings=(state_s, batch_sharding, repl, frozen_s),
+                 out_shardings=(state_s, repl), donate_argnums=(0,))

@@ -41,7 +41,7 @@ def build(key: jax.Array, *, batch_latent: tuple[int, int, int] = (4, 16, 16),
           num_steps: int = 10, task_classes: tuple[int, ...] = (2,), use_cfg: bool = True,
           truncation: str = "random", truncation_k: int = 2, lora_rank: int = 4,
           remat_policy: Optional[str] = "nothing_saveable", reference_grad: bool = True,
-          reference_grad_from: int = 0,
+          reference_grad_from: int = 0, mask_per_device: bool = True,
           kl_convention: str = "official", num_prompts: int = 3, context_len: int = 2,
           unet_config: Optional[dict] = None) -> tuple[train.CtrlSetup, dict, dict]:
   """Returns (setup, frozen, trainable params) of a tiny random problem."""
@@ -64,7 +64,7 @@ def build(key: jax.Array, *, batch_latent: tuple[int, int, int] = (4, 16, 16),
       timesteps=schedules.ddim_timesteps(1000, num_steps), use_cfg=use_cfg,
       kl_convention=kl_convention, truncation=truncation, truncation_k=truncation_k,
       remat_policy=remat_policy, reference_grad=reference_grad,
-      reference_grad_from=reference_grad_from)
+      reference_grad_from=reference_grad_from, mask_per_device=mask_per_device)
   d_ctx = cfg["cross_attention_dim"]
   contexts = jax.random.normal(k_ctx, (num_prompts, context_len, d_ctx))
   frozen = {"unet": unet_params, "reward": probe_params, "decoder": None,
@@ -94,7 +94,8 @@ def build_problem(config: ml_collections.ConfigDict, workdir: str) -> base.Probl
       lora_rank=config.lora_rank, remat_policy=config.remat_policy or None,
       reference_grad=config.reference_grad, kl_convention=config.kl_convention,
       num_prompts=config.num_prompts,
-      reference_grad_from=config.get("reference_grad_from", 0))
+      reference_grad_from=config.get("reference_grad_from", 0),
+      mask_per_device=config.get("truncation_mask_per_device", True))
   frozen.pop("hparams")
   return base.Problem(setup=setup, frozen=frozen, params=params, num_prompts=config.num_prompts)
 

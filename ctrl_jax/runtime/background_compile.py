@@ -55,10 +55,15 @@ class BackgroundCompile:
 
 def abstract_like(tree: Any, sharding=None) -> Any:
   """`jax.ShapeDtypeStruct`s (weak types kept) of a tree of arrays or ShapeDtypeStructs, all
-  with `sharding` (None: unspecified)."""
-  return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding,
-                                     weak_type=getattr(a, "weak_type", False)), tree)
+  with `sharding` (None: unspecified), or each with its own (a tree of shardings shaped like
+  `tree`)."""
+  def struct(a, s):
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s,
+                                weak_type=getattr(a, "weak_type", False))
+
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda a: struct(a, sharding), tree)
+  return jax.tree_util.tree_map(struct, tree, sharding)
 
 
 @contextlib.contextmanager
