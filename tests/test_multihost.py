@@ -1,8 +1,9 @@
 """The pod path, simulated: 2 processes × 4 CPU devices on localhost, coordinated by
-jax.distributed exactly as on a Cloud TPU slice. fit_classifier → finetune → one process
-killed mid-run (the other stopped too, as a slice loses a host) → both rerun → resumed to the
-end → evaluation; the per-update losses equal those of 1 process × 8 devices, and (smoke
-config, the command of a new user) so do the final parameters."""
+jax.distributed exactly as on a Cloud TPU slice. fit_classifier → finetune (frozen weights split
+over an 'fsdp' axis of 2, stored in bfloat16) → one process killed mid-run (the other stopped
+too, as a slice loses a host) → both rerun → resumed to the end → evaluation; the per-update
+losses equal those of 1 process × 8 devices, and (smoke config, the command of a new user) so do
+the final parameters."""
 import json
 import os
 import signal
@@ -30,6 +31,9 @@ SMOKE = f"--config={REPO}/configs/smoke.py"
 # by up to a third; at γ = 100 the updates, like the losses, agree to rounding.
 OVERRIDES = ("--config.num_updates=4", "--config.log_every=1", "--config.checkpoint_every=1",
              "--config.gamma=100.0")
+# The SD run also exercises the pod layout for small chips: a (data 4, fsdp 2) mesh with the
+# frozen UNet, VAE and CLIP tower split over 'fsdp' pairs and stored in bfloat16.
+FSDP = {"fsdp": 2, "truncation_mask_per_device": False, "frozen_dtype": "bfloat16"}
 
 
 def _free_port() -> int:
@@ -84,13 +88,14 @@ def test_two_processes_fit_finetune_killed_resume_evaluate_equal_one_process(tmp
   os.makedirs(logs)
 
   # The classifier is fitted once (process 0), the other process reads it back.
-  _wait(_start("fit_classifier", workdir, logs, cache))
+  fsdp = tuple(f"--config.{k}={v}" for k, v in FSDP.items())
+  _wait(_start("fit_classifier", workdir, logs, cache, *fsdp))
   assert sorted(os.listdir(os.path.join(workdir, "classifier"))) == ["aesthetic.msgpack",
                                                                      "info.json"]
 
   # Killed mid-run: process 1 gets SIGKILL once an update past the first has been logged; the
   # slice is then down (process 0 is stopped as well if it has not failed by itself).
-  procs = _start("finetune", workdir, logs, cache)
+  procs = _start("finetune", workdir, logs, cache, *fsdp)
   jsonl = os.path.join(workdir, "finetune.jsonl")
   deadline = time.time() + 900
   while time.time() < deadline and all(p.poll() is None for p in procs):
@@ -108,7 +113,7 @@ def test_two_processes_fit_finetune_killed_resume_evaluate_equal_one_process(tmp
   assert killed_at < 4, killed_at
 
   # Both rerun: resumed from the last checkpoint, trained to the end, evaluated.
-  procs = _start("finetune", workdir, logs, cache)
+  procs = _start("finetune", workdir, logs, cache, *fsdp)
   _wait(procs)
   out0 = _tail(procs[0])
   assert "[finetune] resumed from" in out0 and "| finetuned |" in out0, out0
@@ -126,6 +131,7 @@ def test_two_processes_fit_finetune_killed_resume_evaluate_equal_one_process(tmp
   config.unlock()
   config.num_updates, config.log_every, config.checkpoint_every = 4, 1, 1
   config.gamma = 100.0
+  config.update(FSDP)
   reference = str(tmp_path / "one")
   one = experiment.finetune(config, reference)
   single = _losses(reference)
