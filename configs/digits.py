@@ -96,6 +96,10 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.background_compile = True   # compile the CTRL train step on a second thread while
                                 #   pre-training runs (from shapes; bench/quick_wall.py)
   c.log_every = 5               # scalars every n updates
+  c.tb_image_every = 16         # TensorBoard image "samples/grid" every n updates (0 = off): one
+                                #   sample per (digit, class) cell, fixed noise (eval.seed), from
+                                #   the current params; also before the first update and after
+                                #   the last (10 % of the run: watch y being learnt or hacked)
   c.checkpoint_every = 20       # orbax checkpoint every n updates
   c.max_checkpoints = 2         # checkpoints kept
   c.max_consecutive_skips = 5   # stop after this many non-finite updates in a row (none applied)
@@ -155,6 +159,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     c.reference_grad_from = 0      # the exact KL gradient in every update (no time budget here)
     c.num_updates = 300            # the `ink` recipe otherwise (cosine, warm-up 15, remat);
                                    #   results: docs/results/digits_multitask.md
+    c.tb_image_every = 30
   elif variant == "quick":      # CI-sized: same code path, tiny budgets
     p.block_out_channels = (64,)  # one level (attention in the mid block only): the same
                                   #   FLOPs per step as (32, 64) but half the layers to compile
@@ -174,6 +179,7 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     c.num_updates = 16
     c.log_every = 4
     c.checkpoint_every = 8
+    c.tb_image_every = 8
     e.samples_per_cell = 8
     e.batch_size = 240
     e.grid_samples = 2

@@ -76,6 +76,11 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.num_updates = 0             # 0 = num_epochs × samples_per_epoch / trajectories_per_update
                                 #   (derived by ctrl_jax.experiment.fill_epoch_counts); > 0 sets it
   c.log_every = 1               # scalars every n updates
+  c.tb_image_every = 6          # TensorBoard image "samples/grid" every n updates (0 = off): one
+                                #   sample per (eval prompt, class) for the first 4 eval prompts,
+                                #   fixed noise (eval.seed), from the current params; also
+                                #   before the first update and after the last. 10 % of the
+                                #   60-update aesthetic run (cost: 16 images, no gradient)
   c.checkpoint_every = 0        # orbax checkpoint every n updates (0 = once per epoch, as the
                                 #   official save_freq; finetune/info.json maps steps to epochs)
   c.max_checkpoints = 100       # keep all (official num_checkpoint_limit): the best epoch is
@@ -118,6 +123,12 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   e.grid_samples = 2            # samples per (prompt, class) in the PNG grid
   e.clip_model = "openai/clip-vit-large-patch14"  # full CLIP (both towers) for the CLIP score
                                 #   of prompt vs image ("" = skip)
+  e.laion_score = True          # LAION aesthetic score of every image, whatever the task (the
+                                #   compressibility task then needs classifier.clip_model and
+                                #   classifier.laion_weights too)
+  e.score_batch = 32            # images per CLIP / LAION scoring call (fixed: one compilation)
+  e.save_png = True             # every image as a PNG file:
+                                #   eval/images/<model>/<NN>_<prompt>/<class>_<i>.png
   return c
 
 
@@ -138,6 +149,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.samples_per_epoch = 0       # no epochs: the tiny batch depends on the device count
   c.num_updates = 4
   c.checkpoint_every = 2
+  c.tb_image_every = 2
   c.max_checkpoints = 3
   k = c.classifier
   k.clip_model = "tiny"
@@ -158,4 +170,5 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   e.batch_size = 8
   e.grid_samples = 1
   e.clip_model = "tiny"
+  e.score_batch = 8
   return c

@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_micro_batches = 2       # micro-batches accumulated per update
   c.num_updates = 10            # optimiser updates
   c.log_every = 2               # log scalars every n updates
+  c.tb_image_every = 0          # TensorBoard preview images every n updates (0 = off; the tiny
+                                #   problem has none: its "images" are random latents)
   c.checkpoint_every = 5        # orbax checkpoint every n updates
   c.max_checkpoints = 3         # checkpoints kept
   c.max_consecutive_skips = 5   # stop after this many non-finite updates in a row (none applied)

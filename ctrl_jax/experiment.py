@@ -176,6 +176,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
   _field(config, "lr_warmup_steps", "an integer in [0, num_updates)",
          lambda v: _count(v) and 0 <= v < config.num_updates, 0)
   _field(config, "log_every", "an integer ≥ 1", lambda v: _count(v) and v >= 1)
+  _field(config, "tb_image_every", "an integer ≥ 0 (0 = no preview images)",
+         lambda v: _count(v) and v >= 0, 0)
   _field(config, "checkpoint_every", "an integer ≥ 1 (or 0 = once per epoch, with "
          "samples_per_epoch set)", lambda v: _count(v) and v >= 1)
   _field(config, "max_checkpoints", "an integer ≥ 1", lambda v: _count(v) and v >= 1, 3)
@@ -208,7 +210,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> None:
 
 # Fields a resumed run may change: they steer logging, checkpoint cadence and what runs after
 # training, not what is trained. Any other difference from the saved config is refused.
-RESUME_SAFE_FIELDS = ("log_every", "attention", "checkpoint_every", "max_checkpoints", "background_compile",
+RESUME_SAFE_FIELDS = ("log_every", "tb_image_every", "attention", "fsdp", "checkpoint_every",
+                      "max_checkpoints", "background_compile",
                       "max_consecutive_skips", "variant", "eval", "compare", "studies")
 
 
@@ -295,13 +298,40 @@ def place_frozen(frozen: dict, config: ml_collections.ConfigDict, mesh) -> tuple
   return shd.put(stored, shardings), shardings
 
 
-def make_optimizer(config: ml_collections.ConfigDict):
-  return train.make_optimizer(
+def optimizer_args(config: ml_collections.ConfigDict) -> dict:
+  """The keyword arguments of `train.make_optimizer` (and `train.learning_rates`) in `config`."""
+  return dict(
       lr_lora=config.lr_lora, lr_label_embedding=config.lr_label_embedding,
       lr_unet=config.get("lr_unet", 0.0), weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm, lr_schedule=config.get("lr_schedule", "constant"),
       num_updates=config.num_updates, lr_final_fraction=config.get("lr_final_fraction", 1.0),
       lr_warmup_steps=config.get("lr_warmup_steps", 0))
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  return train.make_optimizer(**optimizer_args(config))
+
+
+def learning_rate_scalars(config: ml_collections.ConfigDict, params: dict
+                          ) -> Callable[[int], dict]:
+  """`scalars(step)`: {"lr/<group>": lr} of update `step` for the trained groups of `params`
+  (lora, label_embedding, unet), logged with the update's metrics."""
+  args = optimizer_args(config)
+  return lambda step: {f"lr/{group}": lr
+                       for group, lr in train.learning_rates(step, **args).items()
+                       if group in params}
+
+
+def preview_images(config: ml_collections.ConfigDict, problem: base.Problem, frozen: dict,
+                   mesh) -> Callable[[dict], dict] | None:
+  """`images(state) -> {"samples/grid": uint8 [H, W, 3]}`, the problem's preview grid
+  (`ProblemHooks.preview`) sampled from state["params"]; None when config.tb_image_every is 0
+  or the problem has none."""
+  hook = base.get(config.problem).preview
+  if not config.get("tb_image_every", 0) or hook is None:
+    return None
+  render = hook(config, problem).renderer(problem.setup, frozen, mesh)
+  return lambda state: {"samples/grid": render(state["params"])}
 
 
 def load_finetuned(config: ml_collections.ConfigDict, workdir: str, problem: base.Problem,
@@ -383,6 +413,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
   background = None
   finished = checkpoint.latest_step(
       fs.join(workdir, "finetune", "ckpt")) == config.num_updates
+  if not finished:
+    stage.record_run(workdir, "finetune", config)
   hooks = None if problem is not None else base.get(config.problem)
   if (hooks is not None and hooks.abstract is not None and not finished
       and config.get("background_compile", True)):
@@ -454,7 +486,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str,
       "finetune", workdir, state, timed_step, batch_fn,
       config.num_updates, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
       max_checkpoints=config.get("max_checkpoints", 3), shown=("loss", "reward", "kl"),
-      max_consecutive_skips=config.get("max_consecutive_skips", loop.MAX_CONSECUTIVE_SKIPS))
+      max_consecutive_skips=config.get("max_consecutive_skips", loop.MAX_CONSECUTIVE_SKIPS),
+      step_scalars=learning_rate_scalars(config, problem.params),
+      images_fn=preview_images(config, problem, frozen, mesh),
+      images_every=config.get("tb_image_every", 0))
   t_end = time.time()
   info = {"wall_time_s": t_end - t_start, "start_step": start,
           "num_updates": config.num_updates,
@@ -494,6 +529,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params: dict | Non
     if params is None and not fs.exists(fs.join(workdir, name, "info.json")):
       raise FileNotFoundError(f"{workdir!r} has no finished {name} stage; run "
                               "`python -m ctrl_jax.launch.finetune` with this --workdir first.")
+  stage.record_run(workdir, "eval", config)
   problem = hooks.build(config, workdir)
   if params is None:
     params, step = load_finetuned(config, workdir, problem)

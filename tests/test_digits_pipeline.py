@@ -62,6 +62,25 @@ def test_quick_run_writes_every_artifact_with_the_specified_shapes(quick_run):
   assert os.path.exists(os.path.join(workdir, "pretrain.jsonl"))
   assert os.path.isdir(os.path.join(workdir, "tb", "finetune"))
   assert metrics["finetuned"]["num_samples"] == n
+  # TensorBoard: the preview grid (rows = digits, columns = ink3 classes, 8-px images 4×)
+  # before the first update, every tb_image_every updates and at the end; the learning rates.
+  from ctrl_jax.runtime import progress  # pylint: disable=g-import-not-at-top
+  events = progress.read_tensorboard(os.path.join(workdir, "tb", "finetune"))
+  grids = [e for e in events if e["tag"] == "samples/grid"]
+  assert [e["step"] for e in grids] == [0, 8, 16]
+  assert (grids[0]["height"], grids[0]["width"]) == (10 * 34 + 2, 3 * 34 + 2)
+  assert grids[0]["image"] != grids[-1]["image"]  # the fine-tuned model's samples moved
+  lrs = {(e["step"], e["tag"]): e["scalar"] for e in events if e["tag"].startswith("lr/")}
+  assert {step for step, _ in lrs} == {1, 4, 8, 12, 16}
+  assert lrs[(16, "lr/lora")] == pytest.approx(config.lr_lora)
+  assert lrs[(16, "lr/label_embedding")] == pytest.approx(config.lr_label_embedding)
+  assert (16, "lr/unet") not in lrs  # not trained
+  # Run records of every stage (config, commit, versions, devices).
+  for stage in ("pretrain", "classifier", "finetune", "eval"):
+    with open(os.path.join(workdir, "run_info", f"{stage}.json")) as f:
+      info = json.load(f)
+    assert info["config"]["variant"] == "quick" and info["packages"]["flax"], stage
+    assert "commit" in info["git"] and info["devices"]["count"] == jax.device_count()
 
 
 def test_finetuned_beats_pretrained_on_the_asked_class(quick_run):

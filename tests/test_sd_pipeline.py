@@ -3,8 +3,10 @@ and LAION MLP, synthetic offline images; the real loading, classifier, CTRL, eva
 export code): fit classifier → finetune → checkpoint → resume → evaluate → export (multitask;
 the single-task configs: classifiers and updates). And the first update of a tiny run on 8 fake
 devices has the loss that 1 device computes."""
+import io
 import json
 import os
+import re
 import sys
 
 import jax
@@ -15,7 +17,9 @@ from ctrl_jax import experiment
 from ctrl_jax import export
 from ctrl_jax.core import rewards
 from ctrl_jax.core import train
+from ctrl_jax.problems import base
 from ctrl_jax.problems.sd import stages as sd_stages
+from ctrl_jax.runtime import progress
 from ctrl_jax.runtime import sharding as shd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +111,8 @@ def test_num_epochs_and_num_updates_on_the_command_line():
 
 
 def _classifiers(config, workdir, task):
-  applies, params, info, _ = sd_stages.ensure_classifiers(config, workdir)
+  # the problem's fit_classifier entry point (what the launcher runs; it records the run)
+  applies, params, info, _ = base.get("sd").fit_classifier(config, workdir)
   names = sd_stages.label_space(task).task_names
   assert len(applies) == len(params) == len(names)
   for name in names:
@@ -162,7 +167,8 @@ def test_tiny_compressibility_first_update_is_the_same_on_8_devices_and_on_1(tmp
 
 def test_tiny_multitask_end_to_end(tmp_path, capsys):
   """`multitask` at :tiny (both rewards, aesthetic and compressibility): classifiers, CTRL
-  updates, a resume, evaluation and export."""
+  updates, a resume, evaluation and export; the TensorBoard preview images and learning rates,
+  the run records of every stage, the evaluation's PNG files, arrays, grids and LAION scores."""
   task = "multitask"
   config = multitask_config.get_config("tiny")
   workdir = str(tmp_path / task)
@@ -178,19 +184,69 @@ def test_tiny_multitask_end_to_end(tmp_path, capsys):
   losses = [h["loss"] for h in second["history"]]
   assert len(losses) >= 3 and np.isfinite(losses).all()
 
-  metrics = experiment.evaluate(config, workdir, second["params"])
+  # TensorBoard: the preview grid (rows = eval prompts, columns = the 4 classes, 16-px images
+  # shown 4×) before the first update, every tb_image_every updates and at the end of each
+  # invocation; the learning rates of LoRA and the label table with every logged update.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   ls = sd_stages.label_space(task)
+  events = progress.read_tensorboard(os.path.join(workdir, "tb", "finetune"))
+  grids = [e for e in events if e["tag"] == "samples/grid"]
+  assert [e["step"] for e in grids] == [0, 2, 4]
+  rows = min(4, len(config.eval.prompts))
+  picture = np.asarray(Image.open(io.BytesIO(grids[-1]["image"])))
+  assert picture.shape == (rows * 66 + 2, ls.num_labels * 66 + 2, 3) == (
+      grids[-1]["height"], grids[-1]["width"], 3)
+  assert picture.std() > 0 and not np.array_equal(
+      picture, np.asarray(Image.open(io.BytesIO(grids[0]["image"]))))  # the model moved
+  lrs = {(e["step"], e["tag"]): e["scalar"] for e in events if e["tag"].startswith("lr/")}
+  assert {tag for _, tag in lrs} == {"lr/lora", "lr/label_embedding"}
+  assert {step for step, _ in lrs} == {1, 2, 3, 4}
+  np.testing.assert_allclose(lrs[(4, "lr/lora")], config.lr_lora, rtol=1e-6)
+  np.testing.assert_allclose(lrs[(4, "lr/label_embedding")], config.lr_label_embedding,
+                             rtol=1e-6)
+
+  metrics = experiment.evaluate(config, workdir, second["params"])
   n = len(config.eval.prompts) * ls.num_labels * config.eval.samples_per_class
-  with np.load(os.path.join(workdir, "eval", "samples.npz")) as f:
-    assert f["images"].shape == (n, 16, 16, 3) and f["y"].shape == (n, ls.num_tasks)
-    assert f["images"].dtype == np.uint8 and f["images"].shape == f["images_pretrained"].shape
+  eval_dir = os.path.join(workdir, "eval")
+  with np.load(os.path.join(eval_dir, "samples.npz")) as f:
+    assert f["y"].shape == (n, ls.num_tasks) and f["prompt"].shape == (n,)
+    for model in ("finetuned", "pretrained"):
+      assert f[f"laion_score_{model}"].shape == f[f"y_true_{model}"].shape[:1] == (n,)
   for model in ("finetuned", "pretrained"):
-    assert set(metrics[model]["tasks"]) == set(names)
-    assert np.asarray(metrics[model]["cell_accuracy"]).shape == (len(config.eval.prompts),
-                                                                 ls.num_labels)
-  assert os.path.getsize(os.path.join(workdir, "eval", "grid.png")) > 100
-  for model in ("finetuned", "pretrained"):
-    assert 0.0 <= metrics[model]["clip_score"] <= 100.0
+    images = np.load(os.path.join(eval_dir, f"images_{model}.npy"))
+    assert images.shape == (n, 16, 16, 3) and images.dtype == np.uint8
+    pngs = sorted(os.path.relpath(os.path.join(r, f), eval_dir)
+                  for r, _, fs in os.walk(os.path.join(eval_dir, "images", model)) for f in fs)
+    assert len(pngs) == n and pngs[0] == os.path.join(
+        "images", model, "00_cat", "aesthetic-0_compress2-0_0000.png"), pngs[:2]
+    np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(eval_dir, pngs[0]))),
+                                  images[0])  # request 0, lossless
+    assert os.path.getsize(os.path.join(eval_dir, f"grid_{model}.png")) > 100
+    m = metrics[model]
+    assert set(m["tasks"]) == set(names)
+    shape = (len(config.eval.prompts), ls.num_labels)
+    for table in ("cell_accuracy", "cell_laion_score", "cell_clip_score", "cell_jpeg_kb"):
+      assert np.asarray(m[table]).shape == shape, table
+    assert np.isfinite(m["laion_score"]) and len(m["laion_score_per_label"]) == ls.num_labels
+    assert 0.0 <= m["clip_score"] <= 100.0
+  assert os.path.getsize(os.path.join(eval_dir, "grid.png")) > 100
+  with open(os.path.join(eval_dir, "summary.md")) as f:
+    assert "LAION" in f.read()
+
+  # Run records: config, commit (None outside a git checkout), versions, devices, per stage;
+  # the resumed fine-tuning keeps its first invocation.
+  for stage_name in ("classifier", "finetune", "eval"):
+    with open(os.path.join(workdir, "run_info", f"{stage_name}.json")) as f:
+      info = json.load(f)
+    assert info["config"]["task"] == task and info["packages"]["jax"] == jax.__version__
+    commit = info["git"]["commit"]
+    assert commit is None or re.fullmatch("[0-9a-f]{40}", commit), commit
+    assert info["devices"]["count"] == jax.device_count() and info["process_count"] == 1
+  assert info["date"] and info["python"] and info["command"]
+  with open(os.path.join(workdir, "run_info", "finetune.json")) as f:
+    finetune_info = json.load(f)
+  assert [r["config"]["num_updates"] for r in finetune_info["previous"]] == [2]
+  assert finetune_info["config"]["num_updates"] == 4
 
   out = str(tmp_path / "export")
   export.export(config, workdir, out)

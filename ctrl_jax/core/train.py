@@ -331,6 +331,47 @@ def mask_null_label_gradient() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def lr_schedule_fn(lr: float, lr_schedule: str = "constant", num_updates: int = 0,
+                   lr_final_fraction: float = 1.0, lr_warmup_steps: int = 0):
+  """One group's learning rate: a float (constant, no warm-up) or an optax schedule
+  (update count n → lr). What `make_optimizer` gives each group's AdamW and
+  `learning_rates` evaluates."""
+  warmup = int(lr_warmup_steps)
+  if warmup < 0 or (lr_schedule == "cosine" and warmup >= num_updates):
+    raise ValueError(f"lr_warmup_steps={lr_warmup_steps}: expected ≥ 0 (and < num_updates="
+                     f"{num_updates} with a cosine schedule).")
+  if lr_schedule == "constant":
+    # A plain float without a warm-up: the optimiser state (and so old checkpoints) keeps the
+    # structure it had before schedules existed (no schedule count).
+    main = lr if not warmup else optax.constant_schedule(lr)
+  elif lr_schedule == "cosine":
+    if num_updates < 1 or not 0.0 <= lr_final_fraction <= 1.0:
+      raise ValueError(f"lr_schedule='cosine' needs num_updates ≥ 1 (got {num_updates}) and "
+                       f"0 ≤ lr_final_fraction ≤ 1 (got {lr_final_fraction}).")
+    main = optax.cosine_decay_schedule(lr, num_updates - warmup, lr_final_fraction)
+  else:
+    raise ValueError(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'.")
+  if not warmup:
+    return main
+  return optax.join_schedules([lambda n: lr * (n + 1) / warmup, main], [warmup])
+
+
+def learning_rates(update: int, lr_lora: float, lr_label_embedding: float, lr_unet: float = 0.0,
+                   lr_schedule: str = "constant", num_updates: int = 0,
+                   lr_final_fraction: float = 1.0, lr_warmup_steps: int = 0,
+                   **unused) -> dict[str, float]:
+  """{group: lr} that `make_optimizer` (same arguments) applies at update `update` (0-based:
+  the optimiser's count, which equals the train step's while no update was skipped). Pure and
+  host-side: for logging (`lr/<group>` scalars)."""
+  del unused  # the optimiser's other arguments (weight decay, clip, …)
+  out = {}
+  for group, lr in (("lora", lr_lora), ("label_embedding", lr_label_embedding),
+                    ("unet", lr_unet)):
+    fn = lr_schedule_fn(lr, lr_schedule, num_updates, lr_final_fraction, lr_warmup_steps)
+    out[group] = float(fn(update)) if callable(fn) else float(fn)
+  return out
+
+
 def make_optimizer(lr_lora: float, lr_label_embedding: float, lr_unet: float = 0.0,
                    weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, grad_clip_norm: float = 5.0, lr_schedule: str = "constant",
@@ -342,31 +383,14 @@ def make_optimizer(lr_lora: float, lr_label_embedding: float, lr_unet: float = 0
   lr_schedule: "constant" (official), or "cosine": every group's lr decays from its value to
   `lr_final_fraction` × it over the updates after the warm-up (a less noisy last iterate).
   lr_warmup_steps: the first n updates use lr · (k + 1) / n at update k (0 = none): Adam's
-  first steps are full-sized whatever the gradient's scale.
+  first steps are full-sized whatever the gradient's scale. `learning_rates` gives the lr of
+  every group at an update.
   """
-  warmup = int(lr_warmup_steps)
-  if warmup < 0 or (lr_schedule == "cosine" and warmup >= num_updates):
-    raise ValueError(f"lr_warmup_steps={lr_warmup_steps}: expected ≥ 0 (and < num_updates="
-                     f"{num_updates} with a cosine schedule).")
-  if lr_schedule == "constant":
-    # A plain float without a warm-up: the optimiser state (and so old checkpoints) keeps the
-    # structure it had before schedules existed (no schedule count).
-    main = (lambda lr: lr) if not warmup else optax.constant_schedule  # noqa: E731
-  elif lr_schedule == "cosine":
-    if num_updates < 1 or not 0.0 <= lr_final_fraction <= 1.0:
-      raise ValueError(f"lr_schedule='cosine' needs num_updates ≥ 1 (got {num_updates}) and "
-                       f"0 ≤ lr_final_fraction ≤ 1 (got {lr_final_fraction}).")
-    main = lambda lr: optax.cosine_decay_schedule(lr, num_updates - warmup, lr_final_fraction)  # noqa: E731
-  else:
-    raise ValueError(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'.")
-
-  def schedule(lr):
-    if not warmup:
-      return main(lr)
-    return optax.join_schedules([lambda n: lr * (n + 1) / warmup, main(lr)], [warmup])
 
   def adamw(lr):
-    return optax.adamw(schedule(lr), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.adamw(lr_schedule_fn(lr, lr_schedule, num_updates, lr_final_fraction,
+                                      lr_warmup_steps),
+                       b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
   return optax.chain(
       mask_null_label_gradient(),

@@ -1,6 +1,6 @@
 """The one training loop every stage uses: resume from the last orbax checkpoint, step, log
-scalars (JSONL + TensorBoard), print progress with ETA, checkpoint; stop cleanly when
-preempted.
+scalars (JSONL + TensorBoard) and images (TensorBoard), print progress with ETA, checkpoint;
+stop cleanly when preempted.
 
 Batches are a function of the step number only (`batch_fn(step)`), and step keys are folded in
 from the step inside the jitted step, so a run killed at any point and rerun ends exactly where
@@ -71,7 +71,10 @@ def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tupl
         checkpoint_every: int, max_checkpoints: Optional[int] = 3,
         shown: Sequence[str] = ("loss",),
         on_running: Optional[Callable[[], None]] = None,
-        max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS) -> tuple[Any, list[dict], int]:
+        max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
+        step_scalars: Optional[Callable[[int], dict]] = None,
+        images_fn: Optional[Callable[[Any], dict]] = None,
+        images_every: int = 0) -> tuple[Any, list[dict], int]:
   """Runs (or resumes) `state = step_fn(state, batch_fn(step))` for steps [start, num_steps).
 
   Checkpoints go to `workdir/<stage>/ckpt/<step>`, scalars to `workdir/<stage>.jsonl` and
@@ -84,6 +87,11 @@ def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tupl
   On SIGTERM / SIGINT the update under way finishes, is checkpointed, and `Preempted` is raised.
   `on_running()` is called once the first step has run (compiled, metrics fetched): the moment
   to start background work that should not compete with this stage's compilation.
+  `step_scalars(step)`: host-side scalars of update `step` (0-based; e.g. its learning rates),
+  logged with its metrics.
+  `images_fn(state) -> {tag: uint8 [H, W, 3]}`: TensorBoard images, every `images_every`
+  updates (0 = never), at the last one, and (a run from scratch) at step 0 before the first.
+  It is called by every process (it may sample over the global mesh); process 0 writes.
   Returns (final state, logged history, step the run started from).
   """
   ckpt = checkpoint.Checkpointer(fs.join(workdir, stage, "ckpt"),
@@ -95,10 +103,13 @@ def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tupl
     writer.truncate_after(start)
     if jax.process_index() == 0:
       print(f"[{stage}] resumed from {ckpt.directory}/{start}", flush=True)
-  bar = progress.Progress(stage, num_steps, start)
   skips = 0
+  images_every = images_every if images_fn is not None else 0
   try:
     multi_process = jax.process_count() > 1
+    if images_every and start == 0 and num_steps > 0:
+      writer.write_images(0, images_fn(state))  # the model before any update
+    bar = progress.Progress(stage, num_steps, start)  # after it: not in the first step's time
     with _StopRequests(enabled=not multi_process) as stop:
       for step in range(start, num_steps):
         state, metrics = step_fn(state, batch_fn(step))
@@ -115,8 +126,12 @@ def run(stage: str, workdir: str, state: Any, step_fn: Callable[[Any, Any], tupl
                 f"[{stage}] loss is {host['loss']} at step {done}; last good checkpoint: "
                 f"{ckpt.latest_step()} in {ckpt.directory}.")
           if to_log:
+            if step_scalars is not None:
+              host.update(step_scalars(step))
             writer.write(done, host)
             bar.update(done, {k: host[k] for k in shown if k in host})
+        if images_every and (done % images_every == 0 or done == num_steps):
+          writer.write_images(done, images_fn(state))
         if stop_now:
           raise FloatingPointError(
               f"[{stage}] {skips} updates in a row skipped at step {done} (non-finite loss, "

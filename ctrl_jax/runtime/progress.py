@@ -1,10 +1,12 @@
-"""Progress output with ETA, and scalar logging to JSONL + TensorBoard event files."""
+"""Progress output with ETA, and scalar (JSONL + TensorBoard) and image (TensorBoard) logging."""
 from __future__ import annotations
 
+import struct
 import time
 from typing import Optional
 
 import jax
+import numpy as np
 
 from ctrl_jax.runtime import fs
 
@@ -47,7 +49,8 @@ class Progress:
 
 class ScalarWriter:
   """Writes scalars to `workdir/<name>.jsonl` and TensorBoard events in `workdir/tb/<name>`
-  (local or remote workdir, `fs`); in a multi-process run only process 0 writes.
+  (local or remote workdir, `fs`), images to the same TensorBoard events; in a multi-process
+  run only process 0 writes.
 
   The JSONL file is rewritten whole at each write (object stores cannot append). On resume,
   `truncate_after(step)` drops rows written after the restored checkpoint, so the log of a
@@ -71,11 +74,22 @@ class ScalarWriter:
       return
     self._rows.append({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
     fs.write_jsonl(self.path, self._rows)
+    for k, v in scalars.items():
+      self._writer().add_scalar(k, float(v), int(step))
+    self._tb.flush()
+
+  def write_images(self, step: int, images: dict) -> None:
+    """TensorBoard image summaries {tag: uint8 [H, W, 3]} at `step` (not in the JSONL)."""
+    if not self._writes or not images:
+      return
+    for tag, image in images.items():
+      self._writer().add_image(tag, np.asarray(image, np.uint8), int(step), dataformats="HWC")
+    self._tb.flush()
+
+  def _writer(self):
     if self._tb is None:
       self._tb = fs.summary_writer(self._tb_dir)
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, float(v), int(step))
-    self._tb.flush()
+    return self._tb
 
   def read(self) -> list[dict]:
     """The rows written so far (every process: read from the workdir)."""
@@ -84,3 +98,30 @@ class ScalarWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def read_tensorboard(logdir: str) -> list[dict]:
+  """Every summary value in the TensorBoard event files of `logdir` (local or URI), in file
+  order: {"step", "tag", "scalar": float} or {"step", "tag", "image": PNG bytes, "height",
+  "width"}. For tests and scripts (CRCs are not checked)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in sorted(fs.listdir(logdir)):
+    if "tfevents" not in name:
+      continue
+    data, pos = fs.read_bytes(fs.join(logdir, name)), 0
+    while pos + 12 <= len(data):  # record: length u64, crc u32, data, crc u32
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 16 + length
+      for value in event.summary.value:
+        row = {"step": int(event.step), "tag": value.tag}
+        if value.HasField("image"):
+          row.update(image=value.image.encoded_image_string, height=value.image.height,
+                     width=value.image.width)
+        elif value.HasField("simple_value"):
+          row["scalar"] = float(value.simple_value)
+        else:
+          continue
+        out.append(row)
+  return out

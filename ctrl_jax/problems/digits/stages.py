@@ -6,6 +6,8 @@ Each stage keeps its outputs in the workdir and is skipped when they are already
   DIR/classifier/params, DIR/classifier/info.json  p̂(y | x) per task name, label rule, metrics
   DIR/finetune/ckpt/<step>, DIR/finetune.jsonl     CTRL (ctrl_jax.experiment.finetune)
   DIR/eval/                                        ctrl_jax.problems.digits.evaluation
+  DIR/run_info/<stage>.json                        who ran each stage with what (config, commit,
+                                                   versions, devices; runtime.stage.record_run)
 
 `info.json` is written last, after the arrays are on disk: its presence marks a stage done. A
 stage killed midway resumes from its own checkpoints (pre-training) or reruns (classifier, a
@@ -97,6 +99,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str,
     if multihost.is_main():
       print(f"[pretrain] reusing {stage_dir}", flush=True)
     return unet, checkpoint.load_tree(fs.join(stage_dir, "final"), abstract), info
+  stage.record_run(workdir, "pretrain", config)
   t0 = time.time()
   splits = digits_data.load_splits()
   unet, params = digits_model.pretrain(config.pretrain, splits["x_train"], splits["c_train"],
@@ -168,6 +171,7 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str
       print(f"[classifier] reusing {stage_dir}", flush=True)
     params = checkpoint.load_tree(fs.join(stage_dir, "params"), abstract)
     return digits_data.LabelRule.from_dict(info["label_rule"]), modules, params, info
+  stage.record_run(workdir, "classifier", config)
   t0 = time.time()
   k = config.classifier
   splits = digits_data.load_splits()
