@@ -2,6 +2,8 @@
 model, and chunked sampling of many requests with progress (what every evaluation uses)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,17 +69,18 @@ def make_sharded_sampler(setup: train.CtrlSetup, mesh):
                  out_shardings=data)
 
 
-def sample_shares(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
-                  batch_size: int, name: str, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """`sample_all` over the mesh (`make_sharded_sampler`): chunk i uses fold_in(key(seed), i), as
-  there; `batch_size` is rounded up to a multiple of the device count. Returns this process's
-  share: (images float32 [M, ...], their request positions int [M]); positions ≥ len(c) are
-  the padding of the last chunk (every process gets the same M, so shares can be gathered)."""
-  n, d = len(c), mesh.size
+def sample_chunks(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
+                  batch_size: int, name: str, mesh
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`sample_all` over the mesh (`make_sharded_sampler`), one chunk at a time: chunk i uses
+  fold_in(key(seed), i), as there; `batch_size` is rounded up to a multiple of the batch
+  shards. Yields this process's share of each chunk: (images float32 [m, ...], their request
+  positions int [m]); positions ≥ len(c) are the padding of the last chunk (every process gets
+  the same m, so shares can be gathered, `gather_shares`)."""
+  n, d = len(c), shd.batch_shards(mesh)
   batch_size = -(-batch_size // d) * d
   repl, data = shd.replicated(mesh), shd.data_sharded(mesh)
   params, frozen = shd.put(params, repl), shd.put(frozen, repl)
-  images, positions = [], []
   first = np.arange(batch_size) % n
   multihost.compile_together(sampler, params, frozen, shd.put(np.asarray(c[first]), data),
                              shd.put(np.asarray(y[first]), data),
@@ -88,12 +91,20 @@ def sample_shares(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: i
     out = sampler(params, frozen, shd.put(np.asarray(c[idx]), data),
                   shd.put(np.asarray(y[idx]), data),
                   shd.put(jax.random.fold_in(jax.random.key(seed), i), repl))
-    for shard in sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0):
-      rows = range(*shard.index[0].indices(batch_size))
-      images.append(np.asarray(shard.data, np.float32))
-      positions.append(start + np.asarray(rows))
-    bar.update(i + 1)
-  return np.concatenate(images), np.concatenate(positions)
+    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+    images = np.concatenate([np.asarray(s.data, np.float32) for s in shards])
+    positions = np.concatenate([start + np.arange(*s.index[0].indices(batch_size))
+                                for s in shards])
+    yield images, positions
+    if i == 0 or (i + 1) % 10 == 0 or start + batch_size >= n:
+      bar.update(i + 1)
+
+
+def sample_shares(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
+                  batch_size: int, name: str, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """Every chunk of `sample_chunks`, concatenated: (images [M, ...], positions [M])."""
+  parts = list(sample_chunks(sampler, params, frozen, c, y, seed, batch_size, name, mesh))
+  return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
 def gather_shares(tree: dict, positions: np.ndarray, n: int) -> dict:

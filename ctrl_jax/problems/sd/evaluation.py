@@ -25,7 +25,7 @@ import collections
 import concurrent.futures
 import re
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,6 @@ from ctrl_jax.problems.sd import compressibility
 from ctrl_jax.problems.sd import stages as sd_stages
 from ctrl_jax.runtime import fs
 from ctrl_jax.runtime import multihost
-from ctrl_jax.runtime import progress
 from ctrl_jax.runtime import sharding as shd
 
 MODELS = ("finetuned", "pretrained")
@@ -174,35 +173,6 @@ class Scorers:
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_chunks(sampler, params, frozen, c: np.ndarray, y: np.ndarray, seed: int,
-                  batch_size: int, name: str, mesh
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """`generate.sample_shares`, one chunk at a time: yields this process's share of each chunk
-  (images float32 [m, ...], request positions int [m]; positions ≥ len(c) are padding). Chunk
-  i uses fold_in(key(seed), i), as there, so the images are the same."""
-  n, d = len(c), shd.batch_shards(mesh)
-  batch_size = -(-batch_size // d) * d
-  repl, data = shd.replicated(mesh), shd.data_sharded(mesh)
-  params, frozen = shd.put(params, repl), shd.put(frozen, repl)
-  first = np.arange(batch_size) % n
-  multihost.compile_together(sampler, params, frozen, shd.put(np.asarray(c[first]), data),
-                             shd.put(np.asarray(y[first]), data),
-                             shd.put(jax.random.key(seed), repl), name=f"sampler {name}")
-  bar = progress.Progress(f"eval/{name}", -(-n // batch_size))
-  for i, start in enumerate(range(0, n, batch_size)):
-    idx = np.arange(start, start + batch_size) % n
-    out = sampler(params, frozen, shd.put(np.asarray(c[idx]), data),
-                  shd.put(np.asarray(y[idx]), data),
-                  shd.put(jax.random.fold_in(jax.random.key(seed), i), repl))
-    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
-    images = np.concatenate([np.asarray(s.data, np.float32) for s in shards])
-    positions = np.concatenate([start + np.arange(*s.index[0].indices(batch_size))
-                                for s in shards])
-    yield images, positions
-    if i == 0 or (i + 1) % 10 == 0 or start + batch_size >= n:
-      bar.update(i + 1)
-
-
 class ImageSink:
   """Where one model's images go as they come (process 0): PNG files (on a few threads, at most
   `max_pending` images in flight), the uint8 array file written as a stream, and the first
@@ -284,8 +254,8 @@ def evaluate_model(name: str, sampler, params, frozen: dict, prompt: np.ndarray,
   the per-image scores {"laion_score", "jpeg_kb", "clip_score"} [N] in request order."""
   n = len(prompt)
   kept = collections.defaultdict(list)
-  for share, pos in sample_chunks(sampler, params, frozen, prompt, y, e.seed, e.batch_size,
-                                  name, mesh):
+  for share, pos in generate.sample_chunks(sampler, params, frozen, prompt, y, e.seed,
+                                           e.batch_size, name, mesh):
     u8 = compressibility.to_uint8(share)
     mine = {"images": u8, "pos": pos, **scorers(share, u8, prompt[pos % n])}
     got = generate.gather_shares(mine, pos, n)
