@@ -129,6 +129,7 @@ def test_tiny_aesthetic_classifier_and_updates(tmp_path):
   workdir = str(tmp_path / "aesthetic")
   _classifiers(config, workdir, "aesthetic")
   config.num_updates = 2
+  config.tb_image_every = 0  # the preview images: the multitask test
   out = experiment.finetune(config, workdir)
   losses = [h["loss"] for h in out["history"]]
   assert out["start_step"] == 0 and len(losses) == 2 and np.isfinite(losses).all()
@@ -145,6 +146,7 @@ def test_tiny_compressibility_first_update_is_the_same_on_8_devices_and_on_1(tmp
   _classifiers(config, workdir, "compressibility")
   problem = sd_stages.build_problem(config, workdir)
   config.num_updates = 2
+  config.tb_image_every = 0  # the preview images: the multitask test
   out = experiment.finetune(config, workdir, problem=problem)
   losses = [h["loss"] for h in out["history"]]
   assert len(losses) == 2 and np.isfinite(losses).all()
