@@ -35,7 +35,7 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": [TORCH, "pytest"],
+        "test": [TORCH, "pytest", "pytest-xdist==3.8.0"],
         "export": [TORCH],
     },
 )
