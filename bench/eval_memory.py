@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,16 +54,6 @@ def child(args) -> None:
                                     for m in ("pretrained", "finetuned")}}))
 
 
-def _run(*argv) -> dict:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "CTRL_JAX_HUGEPAGES": "0"}
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a plain run on this machine
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], cwd=REPO, env=env,
-                        capture_output=True, text=True)
-  if proc.returncode:
-    raise SystemExit(f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--images", default="512,4096",
@@ -80,11 +69,11 @@ def main():
     return
   with tempfile.TemporaryDirectory() as tmp:
     workdir = args.workdir or os.path.join(tmp, "multitask")
-    setup = _run("--child=setup", f"--workdir={workdir}")
+    setup = report.run_child(__file__, "--child=setup", f"--workdir={workdir}")
     print(f"setup (classifiers + 1 update): {setup['wall_s']:.0f} s", flush=True)
     runs = []
     for n in (int(v) for v in args.images.split(",")):
-      out = _run("--child=eval", f"--workdir={workdir}", f"--n={n}",
+      out = report.run_child(__file__, "--child=eval", f"--workdir={workdir}", f"--n={n}",
                  f"--batch_size={args.batch_size}")
       eval_dir = os.path.join(workdir, "eval")
       pngs = sum(len(files) for _, _, files in os.walk(os.path.join(eval_dir, "images")))

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -40,6 +41,18 @@ def print_table(head: tuple[str, ...], rows: list[list[str]]) -> None:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(cells) + " |" for cells in rows]
   print("\n".join(lines))
+
+
+def run_child(script: str, *argv) -> dict:
+  """`python script *argv` in a fresh process on one CPU device (no forced device count, no
+  huge pages), from the repository root: the JSON object on the last line of its stdout."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "CTRL_JAX_HUGEPAGES": "0"}
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a plain run on this machine
+  proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], cwd=REPO, env=env,
+                        capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -115,6 +115,22 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
                                 #   sampled on the pre-trained model into DIR/eval_<method>/
   e.weight = -1.0               # the baseline's guidance weight (< 0: the one the comparison
                                 #   tuned, from DIR/compare/results.json)
+  # Posterior fidelity (ctrl_jax.problems.digits.posterior): per (c, y) cell, the kernel MMD²
+  # of the samples to an exact reference of p(x | c, y) drawn from the pre-trained model by
+  # rejection (true label rule), and to the p̂(y | x)^γ-weighted reference, against the noise
+  # floor of an independent reference sample of the same size. Also scored by the comparison.
+  q = e.posterior = ml_collections.ConfigDict()
+  q.reference_per_cell = 150    # accepted draws per cell in the hard reference (0 = off)
+  q.floor_per_cell = 50         # further accepted draws per cell: the floor's independent
+                                #   sample (≥ the samples per cell of anything scored)
+  q.weighted_pool = 500         # draws of p_pre(x | c) per digit in each γ-weighted pool (two
+                                #   disjoint pools: the reference and the floor's resampling)
+  q.gammas = (1.0,)             # γ of the weighted references (1 = the posterior with p̂)
+  q.seed = 2024                 # the reference draws' seed (cached in DIR/eval/)
+  q.round_size = 2000           # draws per sampling round (a multiple of eval.batch_size),
+                                #   spread over the digits with a cell still short
+  q.max_rounds = 30             # stop after this many rounds (short cells are named; a cell
+                                #   with < 10 reference draws gets no statistic)
 
   # Baselines comparison (ctrl_jax.baselines.compare; python -m ctrl_jax.launch.compare).
   m = c.compare = ml_collections.ConfigDict()
@@ -130,6 +146,11 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
       "classifier_guidance": (1.0, 3.0, 10.0), "mpgd": (0.1, 0.3, 1.0, 3.0),
       "smc": (0.3, 1.0, 3.0), "svdd": (0.1, 0.3, 1.0), "cfg_triplets": (2.0, 4.0)})
   m.smc_particles = 4           # TDS particles per sample (K)
+  m.smc_sweep = (4, 16, 64)     # SMC at these K, weight smc_sweep_weight (no tuning): its
+  m.smc_sweep_weight = 1.0      #   target is p_γ with γ = the weight, so with many particles it
+  m.smc_sweep_proposal = "ddim"  #   should reach the γ-weighted reference's floor. Proposal
+                                #   "ddim" (bootstrap: forwards only) or "twisted" (TDS, as
+                                #   `smc`: a UNet backward per particle and step); () = off
   m.svdd_candidates = 4         # SVDD candidates per step (M)
   m.noisy_classifier_steps = 2000  # classifier guidance: Adam steps of p(y | x_t, t)
   # ctrl_jax.baselines.studies (python -m ctrl_jax.launch.study)
@@ -145,6 +166,11 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   s.dependent_reference_grad = True  # … with the exact KL gradient in every update (it sets
                                 #   reference_grad_from = 0): with the biased one (False) both
                                 #   inkc runs diverged once the reward saturated
+  s.posterior_variants = (      # "posterior": CTRL settings scored for accuracy and posterior
+      "seed=1", "seed=2",       #   fidelity, each "field=value[,field=value]" (DIR's run is
+      "kl_weight=0.06", "kl_weight=0.015")  #   the default point)
+  s.posterior_gammas = (1.0, 3.0, 10.0, 100.0, 2133.0)  # … and the exact targets p_γ drawn
+                                #   beside them (2133 = the default's γ·64/kl_weight)
   b = c.baselines = ml_collections.ConfigDict()
   b.cfg = ml_collections.ConfigDict()  # CFG-on-triplets overrides of
                                 #   ctrl_jax.baselines.cfg_triplets.default_cfg_config()
@@ -160,6 +186,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     c.num_updates = 300            # the `ink` recipe otherwise (cosine, warm-up 15, remat);
                                    #   results: docs/results/digits_multitask.md
     c.tb_image_every = 30
+    q.max_rounds = 10              # cells the pre-trained model almost never makes (a "1"
+                                   #   with much ink and sharp edges) stay short
   elif variant == "quick":      # CI-sized: same code path, tiny budgets
     p.block_out_channels = (64,)  # one level (attention in the mid block only): the same
                                   #   FLOPs per step as (32, 64) but half the layers to compile
@@ -190,6 +218,12 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
         "dps": (1.0,), "dps_nojac": (0.1,), "classifier_guidance": (3.0,), "mpgd": (1.0,),
         "smc": (1.0,), "svdd": (0.3,), "cfg_triplets": (2.0,)})
     m.noisy_classifier_steps = 100
+    m.smc_sweep = ()            # off (tests/test_posterior.py runs it on its own)
+    q.reference_per_cell = 20
+    q.floor_per_cell = 10       # ≥ the samples per cell the quick tests score
+    q.weighted_pool = 60
+    q.round_size = 480
+    q.max_rounds = 12
     b.cfg.steps = 30
     b.cfg.checkpoint_every = 30
     s.num_labels = (50, 300)

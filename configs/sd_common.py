@@ -94,8 +94,16 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   k.laion_weights = "sac+logos+ava1-l14-linearMSE.pth"  # LAION aesthetic MLP (.pth read with
                                 #   weights_only=True, or a .safetensors copy)
   k.aesthetic_threshold = 5.7   # class 1 iff LAION score ≥ this (< 0: median of the data)
+  k.data = ""                   # a dataset folder (local or URI) made by `python -m
+                                #   ctrl_jax.launch.prepare_data`: CLIP embeddings + LAION
+                                #   scores, JPEG sizes + images, read shard by shard; when set,
+                                #   used instead of aesthetic_data / compress_data
   k.aesthetic_data = ""         # .npz {embeddings [N, 768], scores [N]} or a folder of images
   k.compress_data = ""          # folder of images (JPEG-size labels computed at image_size²)
+  p = k.prepare = ml_collections.ConfigDict()  # prepare_data only (not part of the fit)
+  p.shard_size = 256            # source images per shard (512² uint8: 192 MiB per shard)
+  p.batch = 32                  # images per CLIP call (fixed: one compilation)
+  p.workers = 8                 # image-decoding threads
   k.image_size = 512            # offline images are resized to this (the 512² JPEG convention)
   k.jpeg_quality = 95           # PIL quality of the JPEG-size ground truth
   k.compress4_edges_kb = (60.0, 85.0, 110.0)  # class 3 ≤ 60 < 2 ≤ 85 < 1 ≤ 110 < 0
@@ -164,6 +172,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   k.cnn_batch = 16
   k.cnn_width = 8
   k.cnn_input_size = 16
+  k.prepare.shard_size = 8
+  k.prepare.batch = 4
+  k.prepare.workers = 2
   e = c.eval
   e.prompts = ("cat",)
   e.samples_per_class = 2

@@ -15,6 +15,25 @@ jax.config.update("jax_compilation_cache_dir",
                                  os.path.join(tempfile.gettempdir(), "ctrl_jax_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+  """One full digits :quick run in-process (8 fake devices), shared by the pipeline and the
+  posterior tests; returns (workdir, finetune out, metrics)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import digits as digits_config  # pylint: disable=g-import-not-at-top
+  from ctrl_jax import experiment  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("quick"))
+  config = digits_config.get_config("quick")
+  out = experiment.finetune(config, workdir)
+  metrics = experiment.evaluate(config, workdir, out["params"])
+  return workdir, out, metrics
+
 # The longest files first: with `-n 2 --dist loadfile` (the README's command) each file runs on
 # one worker in collection order, so a long file started last would run alone at the end.
 LONGEST_FIRST = ("test_multihost.py", "test_sd_pipeline.py", "test_digits_pipeline.py",

@@ -22,16 +22,6 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 import digits as digits_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  """One full :quick run in-process (8 fake devices); returns (workdir, finetune out, metrics)."""
-  workdir = str(tmp_path_factory.mktemp("quick"))
-  config = digits_config.get_config("quick")
-  out = experiment.finetune(config, workdir)
-  metrics = experiment.evaluate(config, workdir, out["params"])
-  return workdir, out, metrics
-
-
 def test_quick_run_writes_every_artifact_with_the_specified_shapes(quick_run):
   workdir, _, metrics = quick_run
   config = digits_config.get_config("quick")

@@ -12,7 +12,12 @@ Methods (docs/method.md §10; the guided ones sample the *pre-trained* model):
   svdd              M candidates per step, kept by soft value
 Guidance weights are tuned on a small grid per task (a separate tuning set with another seed):
 the best y-accuracy whose digit accuracy stays within 3 points of the pre-trained model's.
-Outputs: DIR/compare/results.json, results.md and one image grid per method.
+With config.eval.posterior every method is also scored for posterior fidelity
+(`ctrl_jax.problems.digits.posterior`: per-cell kernel MMD² to the exact reference of
+p(x | c, y) and to the p̂^γ-weighted one, over the noise floor), and SMC is run again at the
+particle counts config.compare.smc_sweep with weight smc_sweep_weight ("smc_K<K>").
+Outputs: DIR/compare/results.json, results.md, posterior.png (with posterior fidelity) and one
+image grid per method.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from ctrl_jax.core import generate
 from ctrl_jax.core import train
 from ctrl_jax.problems.digits import data as digits_data
 from ctrl_jax.problems.digits import evaluation as digits_eval
+from ctrl_jax.problems.digits import posterior
 from ctrl_jax.problems.digits import stages as digits_stages
 from ctrl_jax.runtime import fs
 from ctrl_jax.runtime import multihost
@@ -57,9 +63,11 @@ def _host(tree):
 
 
 def make_guided_sampler(method: str, setup, cc: ml_collections.ConfigDict,
-                        noisy_log_prob: Callable | None = None):
+                        noisy_log_prob: Callable | None = None, particles: int | None = None,
+                        proposal: str = "twisted"):
   """Jitted `sample(frozen, c [B], y [B, T], key, weight, noisy_params) -> images [B, 8, 8]` of a
-  guided baseline on the pre-trained model (weight traced: no recompilation over the grid)."""
+  guided baseline on the pre-trained model (weight traced: no recompilation over the grid).
+  particles, proposal: SMC's K (default cc.smc_particles) and proposal (`guidance.smc_sample`)."""
   timesteps = jnp.asarray(setup.timesteps)
   shape = tuple(setup.latent_shape)
 
@@ -69,10 +77,11 @@ def make_guided_sampler(method: str, setup, cc: ml_collections.ConfigDict,
     log_prob = guidance.digits_log_prob_fn(setup, frozen)
     b = c.shape[0]
     if method == "smc":
-      k = cc.smc_particles
+      k = particles or cc.smc_particles
       eps = guidance.pretrained_eps_fn(setup, frozen, guidance.repeat_requests(c, k))
       x_T = jax.random.normal(k_x, (b, k) + shape)
-      x0, _ = guidance.smc_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight)
+      x0, _ = guidance.smc_sample(eps, log_prob, sched, timesteps, x_T, y, k_run, eta, weight,
+                                  proposal=proposal)
     else:
       eps = guidance.pretrained_eps_fn(setup, frozen, c)
       x_T = jax.random.normal(k_x, (b,) + shape)
@@ -134,7 +143,7 @@ class Bench:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, problem, out_dir: str,
-               results_file: str = "results.json"):
+               results_file: str = "results.json", workdir: str | None = None):
     self.config, self.cc = config, compare_config(config)
     self.out_dir = out_dir
     if multihost.is_main():
@@ -153,6 +162,18 @@ class Bench:
     self.results: dict[str, Any] = {}
     if fs.exists(self.path):
       self.results = fs.read_json(self.path).get("methods", {})
+    # Posterior fidelity against the reference of `workdir` (drawn from its pre-trained model
+    # once, cached in workdir/eval/, shared with the evaluation).
+    self.fidelity = None
+    if workdir is not None and posterior.enabled(config):
+      self.fidelity = posterior.prepare(
+          config, workdir, problem, self.plain, self.frozen, self.rule,
+          write=multihost.is_main(),
+          log=lambda msg: print(msg, flush=True) if multihost.is_main() else None)
+
+  def done(self, name: str) -> bool:
+    """Whether `name` is in the results, with its posterior-fidelity scores when they are asked."""
+    return name in self.results and (self.fidelity is None or "posterior" in self.results[name])
 
   def sampler(self, params, frozen=None) -> Callable:
     """The plain DDIM(+CFG) sampler of trainable `params` (CTRL's or CFG-on-triplets')."""
@@ -160,32 +181,39 @@ class Bench:
     frozen = self.frozen if frozen is None else frozen
     return lambda c, y, k: self.plain(params, frozen, c, y, k)
 
-  def evaluate(self, name: str, fn: Callable, extra: dict, compiled: bool = False) -> dict:
+  def evaluate(self, name: str, fn: Callable, extra: dict, compiled: bool = False,
+               batch_size: int | None = None) -> dict:
     """Samples the evaluation requests with `fn`, scores them, saves the grid and results.
 
     compiled: `fn` already ran at this batch size (weight tuning calls the same jitted sampler
     with the weight traced), so the timing needs no warm-up call to exclude compilation.
+    batch_size: requests per call (default config.compare.batch_size).
     """
     cc = self.cc
+    batch_size = batch_size or cc.batch_size
     if not compiled:  # warm-up call first, so the timing excludes compilation
-      idx = np.arange(cc.batch_size) % len(self.c_eval)
+      idx = np.arange(batch_size) % len(self.c_eval)
       jax.block_until_ready(fn(jnp.asarray(self.c_eval[idx]), jnp.asarray(self.y_eval[idx]),
                                jax.random.key(0)))
     t0 = time.time()
-    imgs = _sample_chunks(fn, self.c_eval, self.y_eval, cc.seed, cc.batch_size, name)
+    imgs = _sample_chunks(fn, self.c_eval, self.y_eval, cc.seed, batch_size, name)
     wall = time.time() - t0
     m = digits_eval.score(imgs, self.c_eval, self.y_eval, self.rule, self.judge, self.held,
                           self.ls)
     m.update(extra, wall_time_per_100_samples_s=100 * wall / len(self.c_eval))
     label = np.asarray(self.ls.encode(jnp.asarray(self.y_eval)))
+    if self.fidelity is not None:
+      m["posterior"] = self.fidelity.report({name: imgs}, self.c_eval, label)
     self.results[name] = m
     if multihost.is_main():  # every process keeps the results; process 0 writes them
       _save_grid(fs.join(self.out_dir, f"grid_{name}.png"), imgs, self.c_eval, label,
                  self.ls.num_labels)
       fs.write_json(self.path, {"methods": self.results, "config": cc.to_dict(),
                                 "task": self.config.task})
+      post = ("" if "posterior" not in m else " MMD²/floor (hard) " + " / ".join(
+          f"{v:.2f}" for v in m["posterior"]["references"]["hard"]["per_class"][f"{name}/floor"]))
       print(f"[compare] {name}: y-acc {m['joint_accuracy']:.3f} digit acc "
-            f"{m['digit_accuracy']:.3f} FD {m['frechet_distance']:.3f}", flush=True)
+            f"{m['digit_accuracy']:.3f} FD {m['frechet_distance']:.3f}{post}", flush=True)
     return m
 
   def tune(self, name: str, fn_of_weight: Callable, grid) -> tuple[float, list]:
@@ -282,10 +310,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"config.problem={config.problem!r}: the comparison runs on 'digits'.")
   cc = compare_config(config)
   problem = digits_stages.build_problem(config, workdir)
-  bench = Bench(config, problem, fs.join(workdir, "compare"))
+  bench = Bench(config, problem, fs.join(workdir, "compare"), workdir=workdir)
   order = ["pretrained"] + [m for m in ALL_METHODS if m in cc.methods and m != "pretrained"]
   for method in order:
-    if method in bench.results:
+    if bench.done(method):
       continue
     fn, info = make_method(method, config, workdir, bench, problem)
     tuned = method in cc.grids and len(cc.grids[method]) > 0
@@ -295,8 +323,70 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       w = 0.0
     bench.evaluate(method, lambda c, y, key, fn=fn, w=w: fn(c, y, key, w), info, compiled=tuned)
+  run_smc_sweep(bench)
   write_table(fs.join(bench.out_dir, "results.md"), bench.results, bench.ls.num_tasks > 1)
+  plot_posterior(fs.join(bench.out_dir, "posterior.png"), bench.results,
+                 digits_eval.cell_names(bench.ls))
   return bench.results
+
+
+def plot_posterior(path: str, results: dict, cells: list[str]) -> None:
+  """The methods' posterior fidelity (hard reference): per class, a bar per method of MMD² /
+  floor (log scale; the floor and 2× marked); and y-accuracy against MMD² / floor over all
+  cells, one point per method. Written to `path` by process 0; nothing without scores."""
+  rows = [(name, m) for name, m in results.items() if "posterior" in m]
+  if not rows or not multihost.is_main():
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+  width = 0.8 / len(rows)
+  colors = plt.get_cmap("tab20").colors  # one colour per method (up to 20)
+  for j, (name, m) in enumerate(rows):
+    color = colors[j % len(colors)]
+    pc = m["posterior"]["references"]["hard"]["per_class"][f"{name}/floor"]
+    axes[0].bar(np.arange(len(cells)) + (j - (len(rows) - 1) / 2) * width, pc, width,
+                label=name, color=color)
+    ov = m["posterior"]["references"]["hard"]["overall"][f"{name}/floor"]
+    axes[1].plot([ov], [m["joint_accuracy"]], "o", color=color)
+    axes[1].annotate(name, (ov, m["joint_accuracy"]), textcoords="offset points", xytext=(4, 3),
+                     fontsize=7)
+  axes[0].set_yscale("log")
+  axes[1].set_xscale("log")
+  for line in (1.0, 2.0):
+    axes[0].axhline(line, color="k", lw=1, ls="-" if line == 1 else "--")
+    axes[1].axvline(line, color="k", lw=1, ls="-" if line == 1 else "--")
+  axes[0].set_xticks(np.arange(len(cells)))
+  axes[0].set_xticklabels(cells, fontsize=8)
+  axes[0].set_ylabel("MMD² / floor (hard reference)")
+  axes[0].legend(fontsize=7, ncol=2)
+  axes[1].set_xlabel("MMD² / floor, all cells (hard reference)")
+  axes[1].set_ylabel("y accuracy")
+  fig.tight_layout()
+  fs.save_image(path, fig)
+  plt.close(fig)
+
+
+def run_smc_sweep(bench: Bench) -> None:
+  """SMC at each K of config.compare.smc_sweep, weight smc_sweep_weight (untuned: the target is
+  p_γ with γ = the weight), proposal smc_sweep_proposal, as methods "smc_K<K>"."""
+  cc = bench.cc
+  w = float(cc.get("smc_sweep_weight", 1.0))
+  proposal = cc.get("smc_sweep_proposal", "twisted")
+  for k in cc.get("smc_sweep", ()):
+    name = f"smc_K{int(k)}"
+    if bench.done(name):
+      continue
+    sample = make_guided_sampler("smc", bench.setup, cc, particles=int(k), proposal=proposal)
+    info = {"weight": w, "particles": int(k), "proposal": proposal, "training_time_s": 0.0,
+            "unet_evals_per_sample": guidance.unet_evals_per_sample(
+                "smc", len(bench.setup.timesteps), use_unet_jacobian=True,
+                num_particles=int(k), proposal=proposal)}
+    # The comparison's particles per call (batch_size · smc_particles), to bound memory.
+    batch = max(1, cc.batch_size * cc.smc_particles // int(k))
+    bench.evaluate(name, lambda c, y, key, s=sample: s(bench.frozen, c, y, key, jnp.float32(w),
+                                                         None), info, batch_size=batch)
 
 
 def validate_eval_method(config: ml_collections.ConfigDict) -> None:
@@ -338,18 +428,35 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
       title=f"{method} (weight {w:g}) on p(x | c)", out_name=f"eval_{method}")
 
 
+def posterior_columns(name: str, m: dict) -> dict[str, str]:
+  """The posterior-fidelity cells of a results row: MMD² / floor per class (hard reference) and
+  over all cells (hard, then each γ-weighted reference); {} without posterior scores."""
+  if "posterior" not in m:
+    return {}
+  refs = m["posterior"]["references"]
+  out = {"MMD²/floor hard, per class": " / ".join(
+      f"{v:.2f}" for v in refs["hard"]["per_class"][f"{name}/floor"])}
+  for ref_name, res in refs.items():
+    out[f"MMD²/floor {ref_name.replace('gamma', 'γ')}, all"] = f"{res['overall'][f'{name}/floor']:.2f}"
+  return out
+
+
 def write_table(path: str, results: dict, multitask: bool) -> str:
   """The markdown table of `results`, written to `path` (local or URI) by process 0."""
+  post_head = next((list(posterior_columns(n, m)) for n, m in results.items()
+                    if "posterior" in m), [])
   head = ["method", "y-acc" if not multitask else "joint acc", "macro-F1 (per task)",
-          "digit acc", "Fréchet", "UNet evals / sample", "s / 100 samples", "training s",
-          "weight"]
+          "digit acc", "Fréchet"] + post_head + ["UNet evals / sample", "s / 100 samples",
+                                                  "training s", "weight"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, m in results.items():
     f1 = " / ".join(f"{t['macro_f1']:.3f}" for t in m["tasks"].values())
+    post = posterior_columns(name, m)
     rows.append("| " + " | ".join([
         name, f"{m['joint_accuracy']:.3f}", f1, f"{m['digit_accuracy']:.3f}",
-        f"{m['frechet_distance']:.3f}", str(m["unet_evals_per_sample"]),
-        f"{m['wall_time_per_100_samples_s']:.2f}", f"{m.get('training_time_s', 0.0):.0f}",
+        f"{m['frechet_distance']:.3f}"] + [post.get(h, "—") for h in post_head] + [
+        str(m["unet_evals_per_sample"]), f"{m['wall_time_per_100_samples_s']:.2f}",
+        f"{m.get('training_time_s', 0.0):.0f}",
         f"{m['weight']:g}" if "weight" in m else "—"]) + " |")
   text = "\n".join(rows) + "\n"
   if multihost.is_main():

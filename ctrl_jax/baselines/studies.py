@@ -11,6 +11,10 @@ Studies (config.studies, documented in configs/digits.py):
   dependent  a control that violates y ⟂ c | x: "inkc2" = ink above the median of the image's
           *own digit class*. CTRL with the c-blind reward p̂(y | x) against CTRL with
           p̂(y | x, c) (the asked digit passed to the reward), same labelled pairs.
+  posterior  CTRL as a posterior sampler: DIR's run and the config overrides of
+          studies.posterior_variants (γ, KL weight, updates, seeds, …), each scored for accuracy
+          and posterior fidelity (MMD² / floor, `ctrl_jax.problems.digits.posterior`): the
+          trade-off curve, one point per setting.
 Every variant shares DIR's pre-trained model (and DIR's classifier when its classifier config is
 DIR's), trains in DIR/studies/<study>/<variant>/ (resumable like any run) and is scored by the
 comparison's fixed evaluation (ctrl_jax.baselines.compare.Bench: same requests, judge and seeds as
@@ -20,6 +24,7 @@ DIR is local or a URI (`ctrl_jax.runtime.fs`); process 0 of a multi-process run 
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import os
@@ -33,7 +38,7 @@ from ctrl_jax.problems.digits import stages as digits_stages
 from ctrl_jax.runtime import fs
 from ctrl_jax.runtime import multihost
 
-STUDIES = ("labels", "gamma", "lora", "dependent")
+STUDIES = ("labels", "gamma", "lora", "dependent", "posterior")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +76,26 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
     return [Variant(f"ctrl_{name}", (("task", "inkc"), ("classifier.use_digit", aware)) + exact,
                     "ctrl", label) for name, aware, label in (("blind", False, "p̂(y | x)"),
                                                        ("aware", True, "p̂(y | x, c)"))]
+  if study == "posterior":
+    out = [Variant("ctrl_default", (), "ctrl", "default")]  # DIR's own run
+    for spec in s.posterior_variants:
+      overrides = tuple(_parse_override(item) for item in spec.split(","))
+      name = "ctrl_" + "_".join(f"{k.split('.')[-1]}{v:g}" if isinstance(v, float) else
+                                f"{k.split('.')[-1]}{v}" for k, v in overrides)
+      out.append(Variant(name, overrides, "ctrl", spec))
+    return out
   raise ValueError(f"--study={study!r}; expected one of {STUDIES}.")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+  """"kl_weight=0.1" → ("kl_weight", 0.1) (a Python literal, else the string)."""
+  key, sep, value = item.strip().partition("=")
+  if not sep:
+    raise ValueError(f"studies.posterior_variants: {item!r} is not field=value.")
+  try:
+    return key.strip(), ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    return key.strip(), value.strip()
 
 
 def _get(config, dotted: str):
@@ -167,11 +191,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
     bench_config = variant_config(config, vs[0].overrides)
     problem = digits_stages.build_problem(bench_config,
                                             variant_workdir(workdir, study, vs[0], config))
-  bench = compare.Bench(bench_config, problem, out_dir)
-  if "pretrained" not in bench.results:
+  # Posterior fidelity against DIR's reference (not for "dependent": another task's cells).
+  bench = compare.Bench(bench_config, problem, out_dir,
+                        workdir=None if study == "dependent" else workdir)
+  if not bench.done("pretrained"):
     bench.evaluate("pretrained", bench.sampler(problem.params), {"training_time_s": 0.0})
   for v in vs:
-    if v.name in bench.results:
+    if bench.done(v.name):
       continue
     vconfig = variant_config(config, v.overrides)
     if v.method == "ctrl":
@@ -193,8 +219,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, study: str) -> dict[str
   results = {v.name: bench.results[v.name] for v in vs}
   results["pretrained"] = bench.results["pretrained"]
   write_table(fs.join(out_dir, "results.md"), study, vs, results)
-  plot(fs.join(out_dir, f"{study}.png"), study, vs, results, config.task)
+  extra = None
+  if study == "posterior" and bench.fidelity is not None:
+    extra = posterior_extra(config, workdir, bench)
+    if multihost.is_main():
+      fs.write_json(fs.join(out_dir, "targets.json"), extra)
+  plot(fs.join(out_dir, f"{study}.png"), study, vs, results, config.task, extra)
   return results
+
+
+def posterior_extra(config: ml_collections.ConfigDict, workdir: str, bench: compare.Bench
+                    ) -> dict:
+  """What the "posterior" plot adds to the CTRL variants: the exact targets p_γ at
+  studies.posterior_gammas (`posterior.target_curve`, at the comparison's samples per cell) and
+  the comparison's methods when DIR/compare/results.json exists."""
+  from ctrl_jax.problems.digits import posterior  # pylint: disable=g-import-not-at-top
+  path = fs.join(workdir, "compare", "results.json")
+  methods = fs.read_json(path).get("methods", {}) if fs.exists(path) else {}
+  return {"target": posterior.target_curve(bench.fidelity, config.studies.posterior_gammas,
+                                           int(bench.cc.samples_per_cell)),
+          "methods": {n: {"joint_accuracy": m["joint_accuracy"], "posterior": m["posterior"]}
+                      for n, m in methods.items()
+                      if "posterior" in m and n not in ("ctrl", "pretrained")}}
 
 
 def _mib(m: dict) -> str:
@@ -214,20 +260,25 @@ def _classifier_acc(m: dict) -> str:
 
 def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
   """The markdown table of a study's `results`, written to `path` (local or URI) by process 0."""
-  head = ["variant", "method", "value", "y-acc", "digit acc", "Fréchet", "training s",
-          "s / update", "GFLOP / update", "trainable params", "step memory MiB",
-          "reward classifier held-out acc"]
+  post_head = list(compare.posterior_columns("pretrained", results["pretrained"]))
+  head = ["variant", "method", "value", "y-acc", "digit acc", "Fréchet"] + post_head + [
+      "training s", "s / update", "GFLOP / update", "trainable params", "step memory MiB",
+      "reward classifier held-out acc"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   pre = results["pretrained"]
+  pre_post = compare.posterior_columns("pretrained", pre)
   rows.append(f"| pretrained | — | — | {pre['joint_accuracy']:.3f} | "
-              f"{pre['digit_accuracy']:.3f} | {pre['frechet_distance']:.3f} | 0 | — | — | 0 | — | — |")
+              f"{pre['digit_accuracy']:.3f} | {pre['frechet_distance']:.3f} | "
+              + "".join(f"{pre_post[h]} | " for h in post_head) + "0 | — | — | 0 | — | — |")
   for v in vs:
     m = results[v.name]
     spu = m.get("seconds_per_update")
+    post = compare.posterior_columns(v.name, m)
     rows.append("| " + " | ".join([
         v.name, v.method, str(v.x).replace("|", "\\|"), f"{m['joint_accuracy']:.3f}",
         f"{m['digit_accuracy']:.3f}",
-        f"{m['frechet_distance']:.3f}", f"{m.get('training_time_s', 0.0):.0f}",
+        f"{m['frechet_distance']:.3f}"] + [post.get(h, "—") for h in post_head] + [
+        f"{m.get('training_time_s', 0.0):.0f}",
         f"{spu:.2f}" if spu else "—", _gflops(m), str(m.get("trainable_params") or "—"),
         _mib(m),
         _classifier_acc(m)]) + " |")
@@ -238,8 +289,10 @@ def write_table(path: str, study: str, vs: list[Variant], results: dict) -> str:
   return text
 
 
-def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = "") -> None:
-  """The study's figure, written to `path` (local or URI) by process 0."""
+def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = "",
+         extra: dict | None = None) -> None:
+  """The study's figure, written to `path` (local or URI) by process 0. extra ("posterior"):
+  `posterior_extra`'s exact targets and comparison methods, drawn beside the variants."""
   if not multihost.is_main():
     return
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -287,6 +340,42 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
          "train-step memory (MiB, XLA plan)")):
       ax.bar(names, vals)
       ax.set_title(name, fontsize=9)
+  elif study == "posterior":
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = [("pre-trained", "pretrained", pre)] + [(str(v.x), v.name, results[v.name])
+                                                   for v in vs]
+    for ax, which, name in ((axes[0], "high", "MMD² / floor, highest class (hard reference)"),
+                            (axes[1], "all", "MMD² / floor, all cells (hard reference)")):
+      for label, key, m in rows:
+        if "posterior" not in m:
+          continue
+        res = m["posterior"]["references"]["hard"]
+        x = res["per_class"][f"{key}/floor"][-1] if which == "high" else \
+            res["overall"][f"{key}/floor"]
+        ax.plot([x], [m["joint_accuracy"]], "kx" if key == "pretrained" else "o")
+        ax.annotate(label, (x, m["joint_accuracy"]), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)
+      if extra:
+        tgt = extra["target"]
+        xs = [p["per_class"][-1] if which == "high" else p["overall"] for p in tgt]
+        ax.plot(xs, [p["accuracy"] for p in tgt], "-", color="grey", lw=1,
+                label="exact p_γ (reference, no sampling error)")
+        for p, x in zip(tgt, xs):
+          ax.annotate(f"γ={p['gamma']:g}", (x, p["accuracy"]), textcoords="offset points",
+                      xytext=(-4, -10), fontsize=6, color="grey")
+        for method, m in extra["methods"].items():
+          res = m["posterior"]["references"]["hard"]
+          x = res["per_class"][f"{method}/floor"][-1] if which == "high" else \
+              res["overall"][f"{method}/floor"]
+          ax.plot([x], [m["joint_accuracy"]], "s", color="tab:grey", ms=4)
+          ax.annotate(method, (x, m["joint_accuracy"]), textcoords="offset points",
+                      xytext=(4, -8), fontsize=6, color="tab:grey")
+        ax.legend(fontsize=7, loc="lower left")
+      ax.axvline(2.0, color="grey", ls="--", lw=1)
+      ax.axvline(1.0, color="grey", ls=":", lw=1)
+      ax.set_xscale("log")
+      ax.set_xlabel(name)
+      ax.set_ylabel("y accuracy")
   elif study == "dependent":
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
     names = ["pre-trained"] + [str(v.x) for v in vs]

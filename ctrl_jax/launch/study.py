@@ -5,6 +5,7 @@
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=gamma
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=lora
   python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=dependent
+  python -m ctrl_jax.launch.study --config=configs/digits.py:ink --workdir=runs/digits --study=posterior
 
 Variants already in results.json are kept, and each variant's training resumes (rerun = resume).
 """

@@ -2,8 +2,14 @@
 pre-trained model with the same seeds, judge the samples with the true label rule and an
 independent digit judge, and write samples, metrics, image grids and training curves.
 
-Outputs in DIR/eval/: samples.npz, metrics.json, summary.md, grid.png, cells.png, curves.png
-(DIR local or a URI, `ctrl_jax.runtime.fs`; written by process 0 of a multi-process run).
+Posterior fidelity (config.eval.posterior, `ctrl_jax.problems.digits.posterior`): per (c, y)
+cell the kernel MMD² of both models' samples to an exact reference of p(x | c, y) (and of the
+p̂(y | x)^γ-weighted target), against the noise floor, in metrics["posterior"], summary.md and
+posterior.png; the reference draws are cached in DIR/eval/posterior_reference.npz.
+
+Outputs in DIR/eval/: samples.npz, metrics.json, summary.md, grid.png, cells.png, curves.png,
+posterior.png (DIR local or a URI, `ctrl_jax.runtime.fs`; written by process 0 of a
+multi-process run).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from ctrl_jax.core import train
 from ctrl_jax.problems import base
 from ctrl_jax.problems.digits import data as digits_data
 from ctrl_jax.problems.digits import model as digits_model
+from ctrl_jax.problems.digits import posterior
 from ctrl_jax.runtime import fs
 from ctrl_jax.runtime import multihost
 
@@ -123,6 +130,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, problem: base.Prob
       "classifiers": cls_info["tasks"],
   }
   metrics["cells"] = cell_names(setup.label_space)
+  if posterior.enabled(config):
+    metrics["posterior"] = posterior.posterior_fidelity(
+        config, workdir, problem, sampler, frozen, rule, images, c, y, write=writes,
+        log=lambda msg: print(msg, flush=True) if writes else None)
   metrics["config"] = {"variant": config.get("variant", ""), "task": config.task,
                        "method": "ctrl" if title is None else title}
   if writes:
@@ -141,6 +152,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, problem: base.Prob
     digits_plots.save_cell_tables(fs.join(out_dir, "cells.png"), metrics, title)
     digits_plots.save_curves(fs.join(out_dir, "curves.png"),
                              fs.join(workdir, "finetune.jsonl"), setup.label_space.task_names)
+    if "posterior" in metrics:
+      posterior.save_ratio_plot(fs.join(out_dir, "posterior.png"), metrics["posterior"],
+                                metrics["cells"], titles={"finetuned": title or "fine-tuned"})
     fs.write_json(fs.join(out_dir, "metrics.json"), metrics)
     fs.write_text(fs.join(out_dir, "summary.md"), summary_table(metrics))
     print(summary_table(metrics), flush=True)
@@ -171,6 +185,8 @@ def summary_table(metrics: dict) -> str:
             + [m["digit_accuracy"], m["frechet_distance"]])
     rows.append("| " + " | ".join([name] + [f"{v:.3f}" for v in vals]) + " |")
   ref = metrics["reference"]
+  if "posterior" in metrics:
+    rows += posterior.summary_lines(metrics["posterior"], metrics["cells"])
   rows.append("")
   rows.append(f"Digit judge held-out accuracy {ref['judge_heldout_accuracy']:.3f}; Fréchet "
               f"distance train vs held-out digits {ref['frechet_distance_train_vs_heldout']:.3f}."

@@ -6,7 +6,9 @@ Tasks (config.task) and their label spaces (several tasks → one index, row-maj
   "multitask"        ("aesthetic", "compress2") 2 × 2; label ℓ: aesthetic = ℓ // 2, compress = ℓ % 2
 
 Stages in DIR: classifier/ (fitted p̂(y | x) per task name, `info.json` written last), then
-CTRL (`ctrl_jax.experiment.finetune`). The `:tiny` configs use `pretrained_model="tiny"`: a random
+CTRL (`ctrl_jax.experiment.finetune`). The classifiers' offline data is read from a dataset
+folder made once by `prepare_data` (config.classifier.data; shards, `data.py`), or from the
+`.npz` / image folders of config.classifier.aesthetic_data / compress_data. The `:tiny` configs use `pretrained_model="tiny"`: a random
 SD-shaped folder and synthetic offline data written into DIR by the same code path.
 """
 from __future__ import annotations
@@ -82,6 +84,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     path = k.get(name, "")
     if path and not os.path.exists(os.path.expanduser(path)):
       raise FileNotFoundError(f"config.classifier.{name}={path!r} does not exist.")
+  if k.get("data", ""):
+    dataset_manifest(config)
+  for name, least in (("shard_size", 1), ("batch", 1), ("workers", 1)):
+    value = k.prepare[name] if "prepare" in k else least
+    if not (isinstance(value, int) and value >= least):
+      raise ValueError(f"config.classifier.prepare.{name}={value!r}: expected an integer ≥ "
+                       f"{least}.")
   for name in ("samples_per_class", "batch_size", "grid_samples"):
     value = config.eval[name]
     if not (isinstance(value, int) and value >= 1):
@@ -164,6 +173,74 @@ def _write_tiny_aesthetic_models(folder: str, seed: int) -> tuple[str, str]:
   return clip_dir, mlp_path
 
 
+# ----------------------------------------------------------------------------- prepared data
+
+
+def dataset_fields(task: str) -> tuple[str, ...]:
+  """The arrays of a prepared dataset (`data.write_dataset`) that `task`'s classifiers need."""
+  from ctrl_jax.problems.sd import data  # pylint: disable=g-import-not-at-top
+  names = TASKS[task][0]
+  return ((data.AESTHETIC_FIELDS if "aesthetic" in names else ())
+          + (data.COMPRESS_FIELDS if any(n.startswith("compress") for n in names) else ()))
+
+
+def dataset_manifest(config: ml_collections.ConfigDict) -> dict:
+  """The manifest of config.classifier.data, checked against the config: complete, holding
+  the task's fields, prepared at config.classifier.image_size (and jpeg_quality); errors name
+  the field."""
+  from ctrl_jax.problems.sd import data  # pylint: disable=g-import-not-at-top
+  k = config.classifier
+  field = "config.classifier.data"
+  manifest = data.read_manifest(k.data, field)
+  need = dataset_fields(config.task)
+  missing = [f for f in need if f not in manifest["fields"]]
+  if missing:
+    raise ValueError(f"{field}={k.data!r} lacks {missing} (has {manifest['fields']}), which "
+                     f"task {config.task!r} needs; prepare it with this task's config.")
+  checks = [("image_size", k.image_size)]
+  if any(f in data.COMPRESS_FIELDS for f in need):
+    checks.append(("jpeg_quality", k.jpeg_quality))
+  for name, value in checks:
+    if manifest[name] != value:
+      raise ValueError(f"{field}={k.data!r} was prepared with {name} {manifest[name]}, not "
+                       f"config.classifier.{name}={value}; prepare it again with this config.")
+  return manifest
+
+
+def prepare_data(config: ml_collections.ConfigDict, out: str, images=(), list_file: str = "",
+                 stop_after=None) -> dict:
+  """Prepares image files (folders `images`, or the paths listed in `list_file`) into the
+  dataset folder `out` with what config.task's classifiers need (`data.write_dataset`): CLIP
+  embeddings and LAION scores from config.classifier.clip_model / laion_weights, JPEG sizes at
+  image_size² and jpeg_quality. Resumes a killed run. Multi-process: process 0 works, the others
+  wait. Returns the manifest (None on the other processes)."""
+  from ctrl_jax.problems.sd import data  # pylint: disable=g-import-not-at-top
+  k = config.classifier
+  fields = dataset_fields(config.task)
+  sources = data.list_sources(tuple(images), list_file)
+
+  def prepare():
+    models, files = None, None
+    if any(f in data.AESTHETIC_FIELDS for f in fields):
+      # tiny: the random models written into `out`, the same bytes as a workdir's (seeded)
+      folder, mlp_path = aesthetic_model_paths(k, out, config.seed)
+      models, files = _load_aesthetic_truth(k, out, config.seed), {"clip": folder,
+                                                                   "laion": mlp_path}
+    manifest = data.write_dataset(
+        sources, out, fields=fields, image_size=k.image_size, jpeg_quality=k.jpeg_quality,
+        shard_size=k.prepare.shard_size, batch=k.prepare.batch, workers=k.prepare.workers,
+        aesthetic_models=models, model_files=files, stop_after=stop_after,
+        source_info={"images": list(images), "list": list_file,
+                     "clip_model": k.clip_model if models else None,
+                     "laion_weights": k.laion_weights if models else None})
+    print(f"[prepare_data] {manifest['count']} images in {len(manifest['shards'])} shards "
+          f"({manifest['skipped']} unreadable skipped) in {out}"
+          + ("" if manifest["complete"] else " (incomplete: rerun to finish)"), flush=True)
+    return manifest
+
+  return multihost.main_first("prepare data", prepare)
+
+
 # ----------------------------------------------------------------------------- classifiers
 
 
@@ -193,8 +270,8 @@ def _load_msgpack(path: str):
 def _classifier_config(config: ml_collections.ConfigDict) -> dict:
   """The classifier stage's config as JSON would store it (tuples → lists)."""
   import json  # pylint: disable=g-import-not-at-top
-  return json.loads(json.dumps({"task": config.task, "seed": config.seed,
-                                **config.classifier.to_dict()}))
+  fields = {k: v for k, v in config.classifier.to_dict().items() if k != "prepare"}
+  return json.loads(json.dumps({"task": config.task, "seed": config.seed, **fields}))
 
 
 class GroundTruth:
@@ -235,12 +312,20 @@ class GroundTruth:
     return np.stack(cols, -1), s
 
 
-def _load_aesthetic_truth(k: ml_collections.ConfigDict, workdir: str, seed: int):
-  from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
+def aesthetic_model_paths(k: ml_collections.ConfigDict, workdir: str, seed: int
+                          ) -> tuple[str, str]:
+  """(local CLIP folder, LAION MLP file) of config.classifier `k` (hub ids downloaded, "tiny"
+  written into `workdir`)."""
   clip_path, mlp_path = k.clip_model, k.laion_weights
   if clip_path == "tiny":
     clip_path, mlp_path = tiny_aesthetic_models(workdir, seed)
-  clip_model, clip_params = aesthetic.load_clip_vision(weights.resolve_folder(clip_path))
+  return weights.resolve_folder(clip_path), mlp_path
+
+
+def _load_aesthetic_truth(k: ml_collections.ConfigDict, workdir: str, seed: int):
+  from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
+  clip_folder, mlp_path = aesthetic_model_paths(k, workdir, seed)
+  clip_model, clip_params = aesthetic.load_clip_vision(clip_folder)
   if not os.path.exists(mlp_path):
     raise FileNotFoundError(
         f"config.classifier.laion_weights={mlp_path!r} does not exist; download "
@@ -290,13 +375,26 @@ def ensure_classifiers(config: ml_collections.ConfigDict, workdir: str):
   info = fs.read_json(info_path)
   # A stage saved without a cnn_arch field was fitted with the "resized" CNN.
   stage.check_same(info["config"], wanted, info_path, "config.classifier",
-                   defaults={"cnn_arch": "resized"})
+                   defaults={"cnn_arch": "resized", "data": ""})
   params = []
   for name in ls.task_names:
     saved = _load_msgpack(fs.join(stage_dir, f"{name}.msgpack"))
     # The CLIP tower is the (frozen) ground-truth one: not saved again with the head.
     params.append({"clip": truth_models[1], "head": saved} if name == "aesthetic" else saved)
   return applies, params, info, GroundTruth(ls.task_names, info, truth_models)
+
+
+def _check_dataset_models(config: ml_collections.ConfigDict, truth_models,
+                          manifest: dict) -> None:
+  """Refuses a dataset whose embeddings and scores were computed with other CLIP / LAION
+  weights than config.classifier's (the reward's ground truth), by their parameters' sha256."""
+  k = config.classifier
+  _, clip_params, mlp = truth_models
+  for what, params in (("clip", clip_params), ("laion", mlp)):
+    if multihost.digest(params) != manifest["models"][f"{what}_params_sha256"]:
+      raise ValueError(f"config.classifier.data={k.data!r} was scored with other {what} weights "
+                       f"than config.classifier.clip_model={k.clip_model!r} / laion_weights="
+                       f"{k.laion_weights!r} (sha256 differ); prepare it again with these.")
 
 
 def _fit_classifiers(config: ml_collections.ConfigDict, workdir: str, truth_models,
@@ -307,6 +405,7 @@ def _fit_classifiers(config: ml_collections.ConfigDict, workdir: str, truth_mode
   from ctrl_jax.models import aesthetic  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from ctrl_jax.problems.sd import aesthetic as aesthetic_head
+  from ctrl_jax.problems.sd import data  # pylint: disable=g-import-not-at-top
   k = config.classifier
   ls = label_space(config.task)
   t0 = time.time()
@@ -318,10 +417,18 @@ def _fit_classifiers(config: ml_collections.ConfigDict, workdir: str, truth_mode
   else:
     compress_dir, aesthetic_data = k.compress_data, k.aesthetic_data
   info: dict[str, Any] = {"config": _classifier_config(config), "tasks": {}, "edges_kb": {}}
+  manifest = dataset_manifest(config) if k.data else None
+  if manifest is not None:
+    info["data"] = {"count": manifest["count"], "skipped": manifest["skipped"],
+                    "files_sha256": manifest["files_sha256"]}
   for t, (name, n) in enumerate(zip(ls.task_names, ls.task_classes)):
     if name == "aesthetic":
       clip_model, clip_params, mlp = truth_models
-      if aesthetic_data.endswith(".npz"):
+      if manifest is not None:  # embeddings [N, D] and scores [N]: small, kept whole
+        _check_dataset_models(config, truth_models, manifest)
+        columns = data.read_columns(k.data, manifest, ("embeddings", "laion_score"))
+        emb, scores = columns["embeddings"], columns["laion_score"]
+      elif aesthetic_data.endswith(".npz"):
         emb, scores = aesthetic_head.load_embeddings_npz(aesthetic_data)
       else:
         images = _offline_images(aesthetic_data, data_size, "aesthetic_data")
@@ -340,16 +447,24 @@ def _fit_classifiers(config: ml_collections.ConfigDict, workdir: str, truth_mode
                  score_mean=float(scores.mean()), score_std=float(scores.std()))
       _save_msgpack(fs.join(stage_dir, f"{name}.msgpack"), head)
     else:
-      images = _offline_images(compress_dir, data_size, "compress_data")
-      size_kb = compressibility.jpeg_size_kb(compressibility.to_uint8(images),
-                                             quality=k.jpeg_quality)
+      options = dict(steps=k.cnn_steps, batch=k.cnn_batch, lr=k.cnn_lr,
+                     calib_fraction=k.calib_fraction, width=k.cnn_width,
+                     input_size=k.cnn_input_size, arch=k.cnn_arch)
+      if manifest is not None:  # one shard of images in memory at a time
+        size_kb = data.read_columns(k.data, manifest, ("jpeg_kb",))["jpeg_kb"]
+      else:
+        images = _offline_images(compress_dir, data_size, "compress_data")
+        size_kb = compressibility.jpeg_size_kb(compressibility.to_uint8(images),
+                                               quality=k.jpeg_quality)
       edges = _edges(size_kb, tuple(k.get(f"{name}_edges_kb") or ()), n)
       info["edges_kb"][name] = list(edges)
       labels = size_classes(size_kb, edges)
-      variables, fit = compressibility.fit_classifier(
-          images, labels, n, config.seed + t, steps=k.cnn_steps, batch=k.cnn_batch,
-          lr=k.cnn_lr, calib_fraction=k.calib_fraction, width=k.cnn_width,
-          input_size=k.cnn_input_size, arch=k.cnn_arch)
+      if manifest is not None:
+        variables, fit = data.fit_compressibility(k.data, manifest, labels, n, config.seed + t,
+                                                  **options)
+      else:
+        variables, fit = compressibility.fit_classifier(images, labels, n, config.seed + t,
+                                                        **options)
       fit.update(class_counts=np.bincount(labels, minlength=n).tolist())
       _save_msgpack(fs.join(stage_dir, f"{name}.msgpack"), variables)
     info["tasks"][name] = fit
