@@ -35,7 +35,8 @@ def quick_run(tmp_path_factory):
   return workdir, out, metrics
 
 # The longest files first: with `-n 2 --dist loadfile` (the README's command) each file runs on
-# one worker in collection order, so a long file started last would run alone at the end.
+# one worker in collection order (pytest.ini: --no-loadscope-reorder), so a long file started
+# last would run alone at the end.
 LONGEST_FIRST = ("test_multihost.py", "test_sd_pipeline.py", "test_digits_pipeline.py",
                  "test_train.py", "test_reliability.py")
 
