@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from ctrl_jax.runtime import stage  # noqa: E402
 
 REPO = os.path.abspath(report.REPO)
 CONFIG = os.path.join(REPO, "configs", "multitask.py:tiny")
@@ -79,11 +80,6 @@ def child(args) -> None:
                                      + info["tasks"]["compress2"]["num_calib"]}))
 
 
-def _commit() -> str:
-  out = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
-  return out.stdout.strip() or None
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--images", default="64,1024", help="comma-separated numbers of images")
@@ -124,8 +120,9 @@ def main():
   print(f"prepared data: peak RSS largest / smallest = {ratio:.3f} (limit {RATIO})")
   report.write_json(args.out, {
       "command": "python bench/data_memory.py " + " ".join(sys.argv[1:]),
-      "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"), "host": platform.node(),
+      "commit": stage.git_commit(REPO)["commit"],
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "host": platform.node(),
       "config": f"configs/multitask.py:tiny, classifier.image_size={args.image_size}, "
                 "prepare.shard_size=64, prepare.batch=16, cnn_steps=20, head_epochs=5, "
                 "1 CPU device", "ratio_limit": RATIO, "peak_rss_ratio": ratio,

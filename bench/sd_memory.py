@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -64,6 +63,7 @@ from ctrl_jax import experiment  # noqa: E402  pylint: disable=g-import-not-at-t
 from ctrl_jax.core import train  # noqa: E402  pylint: disable=g-import-not-at-top
 from ctrl_jax.models import attention  # noqa: E402  pylint: disable=g-import-not-at-top
 from ctrl_jax.runtime import background_compile  # noqa: E402  pylint: disable=g-import-not-at-top
+from ctrl_jax.runtime import stage  # noqa: E402  pylint: disable=g-import-not-at-top
 from ctrl_jax.runtime import sharding as shd  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import report  # bench/report.py: this script's folder is on sys.path
@@ -221,8 +221,7 @@ def main():
   if not mesh_rows:
     print(f"temp at {steps[-1]} steps / temp at {steps[0]} steps ({first}): "
           f"{checks['temp_ratio_last_over_first_steps']:.3f}")
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=False).stdout.strip()
+  commit = stage.git_commit()["commit"]
   payload = dict(command="python bench/sd_memory.py " + " ".join(sys.argv[1:]),
                  commit=commit, date=time.strftime("%Y-%m-%d"), host=platform.node(),
                  cpu=platform.processor(), cores=os.cpu_count(), jax=jax.__version__,

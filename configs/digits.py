@@ -60,6 +60,8 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   c.kl_convention = "official"  # "official" (mean over dims) or "exact" (path KL)
   c.gamma = 1.0                 # reward weight (γ)
   c.reward_weights = ()         # per task name weight of log p̂ in the reward (() = all 1)
+  c.reward_log_eps = 1e-6       # reward log(p̂ + eps) (official); 0 = log p̂ from log-softmax
+                                #   (keeps a gradient on samples firmly in another class)
   c.kl_weight = 0.03            # KL weight (0.01: ink3 0.979 but digit acc −3.9 points, grey
                                 #   backgrounds; 0.1: digit acc kept but ink3 0.899)
   c.truncation = "random"       # "none" | "random" (CTRL) | "last_k"

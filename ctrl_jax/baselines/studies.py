@@ -87,6 +87,21 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
   raise ValueError(f"--study={study!r}; expected one of {STUDIES}.")
 
 
+_SHORT = {  # field → its plot label ("" = left out)
+    "kl_convention": lambda v: "exact KL" if v == "exact" else "official KL",
+    "gamma": lambda v: f"γ {v:g}", "kl_weight": lambda v: f"KL weight {v:g}",
+    "reference_grad_from": lambda v: "", "reward_log_eps": lambda v:
+    "log-softmax" if v == 0 else f"log(p̂ + {v:g})", "num_updates": lambda v: f"{v} updates",
+    "seed": lambda v: f"seed {v}", "lora_rank": lambda v: f"rank {v}"}
+
+
+def short_label(v: Variant) -> str:
+  """A variant's plot label: its overrides, abbreviated ("default" for none)."""
+  parts = [_SHORT[k.split(".")[-1]](val) if k.split(".")[-1] in _SHORT else f"{k}={val}"
+           for k, val in v.overrides]
+  return ", ".join(p for p in parts if p) or str(v.x)
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
   """"kl_weight=0.1" → ("kl_weight", 0.1) (a Python literal, else the string)."""
   key, sep, value = item.strip().partition("=")
@@ -341,8 +356,9 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
       ax.bar(names, vals)
       ax.set_title(name, fontsize=9)
   elif study == "posterior":
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = [("pre-trained", "pretrained", pre)] + [(str(v.x), v.name, results[v.name])
+    from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    rows = [("pre-trained", "pretrained", pre)] + [(short_label(v), v.name, results[v.name])
                                                    for v in vs]
     for ax, which, name in ((axes[0], "high", "MMD² / floor, highest class (hard reference)"),
                             (axes[1], "all", "MMD² / floor, all cells (hard reference)")):
@@ -370,10 +386,13 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
           ax.plot([x], [m["joint_accuracy"]], "s", color="tab:grey", ms=4)
           ax.annotate(method, (x, m["joint_accuracy"]), textcoords="offset points",
                       xytext=(4, -8), fontsize=6, color="tab:grey")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="lower right")
       ax.axvline(2.0, color="grey", ls="--", lw=1)
       ax.axvline(1.0, color="grey", ls=":", lw=1)
       ax.set_xscale("log")
+      ax.xaxis.set_major_locator(ticker.FixedLocator([0.5, 1, 2, 5, 10, 20, 50]))
+      ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+      ax.xaxis.set_minor_formatter(ticker.NullFormatter())
       ax.set_xlabel(name)
       ax.set_ylabel("y accuracy")
   elif study == "dependent":

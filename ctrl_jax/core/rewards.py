@@ -81,14 +81,19 @@ def sample_requests(seed: int, step: int, label_space: LabelSpace, num_prompts: 
 
 
 def make_reward_fn(classifiers: Sequence[ClassifierApply], weights: Sequence[float],
-                   takes_prompt: Sequence[bool] = ()) -> Callable[..., tuple[jnp.ndarray, dict]]:
+                   takes_prompt: Sequence[bool] = (), log_eps: float = LOG_EPS
+                   ) -> Callable[..., tuple[jnp.ndarray, dict]]:
   """reward_fn(params_per_task, images, y [B, T], prompt [B] = None) → (reward [B], aux).
 
   takes_prompt[t]: classifier t is p̂(y_t | x, c), called as apply(params, images, prompt)
   (the condition c of each trajectory); the others are p̂(y_t | x), called without it.
   aux["probs"] is a list of per-task calibrated probabilities [B, K_t]; aux["log_prob"] a list
-  of per-task log(p̂(y_t | ·) + 1e-6) [B].
+  of per-task log(p̂(y_t | ·) + log_eps) [B]. log_eps = 1e-6 is the official form: a sample
+  the classifier places firmly in another class gets reward ≈ log 1e-6 and no gradient;
+  log_eps = 0 takes log p̂ from log-softmax, whose gradient does not vanish there.
   """
+  if log_eps < 0:
+    raise ValueError(f"reward log_eps={log_eps}: expected ≥ 0.")
   if len(classifiers) != len(weights):
     raise ValueError(f"{len(classifiers)} classifiers but {len(weights)} reward weights.")
   takes_prompt = tuple(takes_prompt) or (False,) * len(classifiers)
@@ -100,9 +105,13 @@ def make_reward_fn(classifiers: Sequence[ClassifierApply], weights: Sequence[flo
       if takes_prompt[t] and prompt is None:
         raise ValueError(f"reward classifier {t} is p̂(y | x, c): the caller must pass prompt.")
       args = (prompt,) if takes_prompt[t] else ()
-      probs = jax.nn.softmax(apply(params[t], images, *args).astype(jnp.float32), axis=-1)
-      p_y = jnp.take_along_axis(probs, y[:, t:t + 1].astype(jnp.int32), axis=-1)[:, 0]
-      log_p = jnp.log(p_y + LOG_EPS)
+      logits = apply(params[t], images, *args).astype(jnp.float32)
+      probs = jax.nn.softmax(logits, axis=-1)
+      yt = y[:, t:t + 1].astype(jnp.int32)
+      if log_eps > 0:
+        log_p = jnp.log(jnp.take_along_axis(probs, yt, axis=-1)[:, 0] + log_eps)
+      else:
+        log_p = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), yt, axis=-1)[:, 0]
       total = total + w * log_p
       aux["probs"].append(probs)
       aux["log_prob"].append(log_p)

@@ -96,7 +96,8 @@ def _fingerprint(config: ml_collections.ConfigDict, problem) -> dict:
           "guidance_scale": float(config.guidance_scale), "use_cfg": bool(config.use_cfg),
           "pretrained_checksum": checksum, "label_rule": cls.get("label_rule"),
           "classifier_config": cls.get("config"),
-          "reward_weights": list(config.get("reward_weights") or ())}
+          "reward_weights": list(config.get("reward_weights") or ()),
+          "reward_log_eps": float(config.get("reward_log_eps", rewards.LOG_EPS))}
   return json.loads(json.dumps(meta))  # as it reads back from the cache (tuples → lists)
 
 

@@ -219,7 +219,8 @@ def build_setup(config: ml_collections.ConfigDict, unet, modules) -> train.CtrlS
     raise ValueError(f"config.reward_weights={tuple(weights)}: need one weight per task name "
                      f"{digits_data.task_names(config.task)}.")
   reward_fn = rewards.make_reward_fn([m.apply for m in modules], weights,
-                                     takes_prompt=[m.num_conditions > 0 for m in modules])
+                                     takes_prompt=[m.num_conditions > 0 for m in modules],
+                                     log_eps=float(config.get("reward_log_eps", rewards.LOG_EPS)))
   return train.CtrlSetup(
       model=model, label_space=ls, reward_fn=reward_fn,
       decode_fn=lambda _, x0: digits_model.to_images(x0), latent_shape=(1, 8, 8),
