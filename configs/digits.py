@@ -7,7 +7,8 @@
 The finetune launcher runs the missing earlier stages (pre-training p(x | c), fitting the reward
 classifier) and evaluation; the stage launchers (`ctrl_jax.launch.pretrain`, `.fit_classifier`,
 `.evaluate`) run one stage each. Every stage reuses what is already in --workdir and resumes
-from its last checkpoint. Variants: "ink" (default), "multitask", "quick" (CI-sized).
+from its last checkpoint. Variants: "ink" (default), "multitask", "posterior" (the exact path KL
+at γ = 100: nearer the posterior p(x | c, y), lower accuracy), "quick" (CI-sized).
 """
 import ml_collections
 
@@ -168,9 +169,12 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
   s.dependent_reference_grad = True  # … with the exact KL gradient in every update (it sets
                                 #   reference_grad_from = 0): with the biased one (False) both
                                 #   inkc runs diverged once the reward saturated
+  exact = "kl_convention=exact,gamma={:.1f},kl_weight=1.0,reference_grad_from=0,reward_log_eps=0.0"
   s.posterior_variants = (      # "posterior": CTRL settings scored for accuracy and posterior
       "seed=1", "seed=2",       #   fidelity, each "field=value[,field=value]" (DIR's run is
-      "kl_weight=0.06", "kl_weight=0.015")  #   the default point)
+      "kl_weight=0.06",         #   the default point): the official convention's KL weight,
+      exact.format(10.0), exact.format(30.0), exact.format(100.0),  # the exact path KL at
+      exact.format(100.0) + ",num_updates=320")  #   γ = 10 … 100 (the "posterior" variant)
   s.posterior_gammas = (1.0, 3.0, 10.0, 100.0, 2133.0)  # … and the exact targets p_γ drawn
                                 #   beside them (2133 = the default's γ·64/kl_weight)
   b = c.baselines = ml_collections.ConfigDict()
@@ -190,6 +194,12 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     c.tb_image_every = 30
     q.max_rounds = 10              # cells the pre-trained model almost never makes (a "1"
                                    #   with much ink and sharp edges) stay short
+  elif variant == "posterior":  # the exact path KL at γ = 100 with the log-softmax reward and
+    c.kl_convention = "exact"   #   the exact KL gradient in every update: samples much nearer
+    c.gamma = 100.0             #   the posterior p(x | c, y), lower ink3 accuracy
+    c.kl_weight = 1.0           #   (docs/results/posterior_fidelity.md)
+    c.reward_log_eps = 0.0
+    c.reference_grad_from = 0
   elif variant == "quick":      # CI-sized: same code path, tiny budgets
     p.block_out_channels = (64,)  # one level (attention in the mid block only): the same
                                   #   FLOPs per step as (32, 64) but half the layers to compile
@@ -233,5 +243,5 @@ def get_config(variant: str = "ink") -> ml_collections.ConfigDict:
     s.lora_ranks = (4,)
   else:
     raise ValueError(f"unknown variant {variant!r} of configs/digits.py; expected "
-                     "'ink', 'multitask' or 'quick'.")
+                     "'ink', 'multitask', 'posterior' or 'quick'.")
   return c

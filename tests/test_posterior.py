@@ -168,3 +168,27 @@ def test_quick_smc_sweep_is_scored_against_the_floor(quick, tmp_path):
   assert "MMD²/floor hard, per class" in table and "MMD²/floor γ=1, all" in table
   compare.plot_posterior(str(tmp_path / "posterior.png"), bench.results, ["0", "1", "2"])
   assert os.path.getsize(tmp_path / "posterior.png") > 1000
+
+
+def test_posterior_study_variants_and_the_posterior_config():
+  """Every default variant of --study=posterior is a valid override of the ink config, and the
+  exact-KL ones (and configs/digits.py:posterior) optimise the γ they name."""
+  from ctrl_jax.baselines import studies  # pylint: disable=g-import-not-at-top
+  from ctrl_jax.core import objective  # pylint: disable=g-import-not-at-top
+  config = digits_config.get_config("ink")
+  vs = studies.variants(config, "posterior")
+  assert vs[0].name == "ctrl_default" and len({v.name for v in vs}) == len(vs)
+  for v in vs[1:]:
+    vc = studies.variant_config(config, v.overrides)
+    assert not studies.is_base(config, v.overrides), v.name
+    if vc.kl_convention == "exact":
+      assert vc.reward_log_eps == 0.0 and vc.reference_grad_from == 0, v.name
+      assert objective.effective_gamma(vc.gamma, vc.kl_weight, 64, "exact") == vc.gamma
+      assert "γ" in studies.short_label(v)
+  post = digits_config.get_config("posterior")
+  assert objective.effective_gamma(post.gamma, post.kl_weight, 64, post.kl_convention) == 100.0
+  assert objective.effective_gamma(config.gamma, config.kl_weight, 64,
+                                   config.kl_convention) == pytest.approx(2133.3, abs=0.1)
+  with pytest.raises(ValueError, match="not field=value"):
+    studies.variants(studies.variant_config(config, [("studies.posterior_variants",
+                                                       ("gamma",))]), "posterior")

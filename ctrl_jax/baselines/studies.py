@@ -89,9 +89,9 @@ def variants(config: ml_collections.ConfigDict, study: str) -> list[Variant]:
 
 _SHORT = {  # field → its plot label ("" = left out)
     "kl_convention": lambda v: "exact KL" if v == "exact" else "official KL",
-    "gamma": lambda v: f"γ {v:g}", "kl_weight": lambda v: f"KL weight {v:g}",
+    "gamma": lambda v: f"γ {v:g}", "kl_weight": lambda v: "" if v == 1 else f"KL weight {v:g}",
     "reference_grad_from": lambda v: "", "reward_log_eps": lambda v:
-    "log-softmax" if v == 0 else f"log(p̂ + {v:g})", "num_updates": lambda v: f"{v} updates",
+    "" if v == 0 else f"log(p̂ + {v:g})", "num_updates": lambda v: f"{v} updates",
     "seed": lambda v: f"seed {v}", "lora_rank": lambda v: f"rank {v}"}
 
 
@@ -362,15 +362,15 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
                                                    for v in vs]
     for ax, which, name in ((axes[0], "high", "MMD² / floor, highest class (hard reference)"),
                             (axes[1], "all", "MMD² / floor, all cells (hard reference)")):
-      for label, key, m in rows:
+      for i, (label, key, m) in enumerate(rows):
         if "posterior" not in m:
           continue
         res = m["posterior"]["references"]["hard"]
         x = res["per_class"][f"{key}/floor"][-1] if which == "high" else \
             res["overall"][f"{key}/floor"]
         ax.plot([x], [m["joint_accuracy"]], "kx" if key == "pretrained" else "o")
-        ax.annotate(label, (x, m["joint_accuracy"]), textcoords="offset points", xytext=(4, 3),
-                    fontsize=7)
+        ax.annotate(label, (x, m["joint_accuracy"]), textcoords="offset points",
+                    xytext=(4, 3) if i % 2 else (4, -9), fontsize=7)  # alternate: less overlap
       if extra:
         tgt = extra["target"]
         xs = [p["per_class"][-1] if which == "high" else p["overall"] for p in tgt]
@@ -386,7 +386,7 @@ def plot(path: str, study: str, vs: list[Variant], results: dict, task: str = ""
           ax.plot([x], [m["joint_accuracy"]], "s", color="tab:grey", ms=4)
           ax.annotate(method, (x, m["joint_accuracy"]), textcoords="offset points",
                       xytext=(4, -8), fontsize=6, color="tab:grey")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center right")
       ax.axvline(2.0, color="grey", ls="--", lw=1)
       ax.axvline(1.0, color="grey", ls=":", lw=1)
       ax.set_xscale("log")
